@@ -1,0 +1,5 @@
+import sys
+
+from locas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,344 @@
+"""The `locas` command: argument parsing, progress and exit codes; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from locas.memory import Memory
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A user-facing problem: printed as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (tokens), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use --device cpu")
+    return text
+
+
+def _load(args):
+    from locas.default_model import load_model
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def _read_memory(path: str) -> Memory:
+    """The memory file, read before the model is loaded so that a wrong path fails fast."""
+    from locas.memory import Memory
+
+    try:
+        return Memory.load(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"{error}; pass a memory file written by 'locas memorize'") from error
+
+
+def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Tensor:
+    token_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if max_tokens is not None:
+        token_ids = token_ids[:max_tokens]
+    if token_ids.numel() < 2:
+        raise CommandError(f"text file {path!r} holds fewer than 2 tokens: nothing to predict; use a longer text")
+    return token_ids
+
+
+def _windows(tokenizer, token_ids: torch.Tensor, window: int):
+    from locas.data import split_windows
+
+    return split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0)
+
+
+def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> dict:
+    """Total NLL over all windows, perplexity and bits per byte of the predicted text."""
+    total_nll, predicted, predicted_bytes = 0.0, 0, 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(model.device)
+        mask = attention_mask[start : start + batch_size].to(model.device)
+        total_nll += model.compute_nll(ids, attention_mask=mask).sum().item()
+        for row, row_mask in zip(ids, mask, strict=True):
+            targets = row[row_mask.bool()][1:]
+            predicted += targets.numel()
+            predicted_bytes += len(tokenizer.decode(targets).encode("utf-8"))
+    mean = total_nll / predicted
+    return {
+        "tokens": predicted,
+        "nll": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_byte": total_nll / math.log(2) / max(predicted_bytes, 1),
+    }
+
+
+def _locas_model(model, memory: Memory | None):
+    from locas.model import LocasModel
+
+    locas_model = LocasModel(model)
+    if memory is not None:
+        locas_model.attach_memory(memory)
+    return locas_model
+
+
+def _check_output_path(path: Path, suffix: str | None = None) -> None:
+    if suffix and path.suffix != suffix:
+        hint = path.parent / ((path.stem or "memory") + suffix)
+        raise CommandError(f"--out {str(path)!r} should end in {suffix}, e.g. --out {str(hint)!r}")
+    if suffix and path.is_dir():
+        raise CommandError(
+            f"--out {str(path)!r} is a folder; name a file in it, e.g. --out {str(path / 'memory')}{suffix}"
+        )
+    if not path.parent.is_dir():
+        raise CommandError(f"the folder of --out {str(path)!r} does not exist; create it first")
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def command_memorize(args) -> None:
+    from locas.data import read_text
+    from locas.training import train_on_windows
+
+    out = Path(args.out)
+    _check_output_path(out, ".safetensors")
+    text = read_text(args.text_file)
+    model, tokenizer = _load(args)
+    token_ids = _tokens(tokenizer, text, args.text_file, args.max_tokens)
+    input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
+    locas_model = _locas_model(model, None)
+    memory = locas_model.memorize(
+        input_ids.to(locas_model.device),
+        attention_mask=attention_mask.to(locas_model.device),
+        keep_top=args.width,
+        memory_init=args.init,
+        seed=args.seed,
+    )
+    print(f"memorized {token_ids.numel()} tokens into {memory.width} slots x {memory.num_layers} layers ({args.init})")
+    if args.train_steps:
+        losses = train_on_windows(locas_model, input_ids, attention_mask, steps=args.train_steps, lr=args.lr)
+        after = _score(locas_model, tokenizer, input_ids, attention_mask)
+        print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {args.train_steps} steps")
+        memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss="ntp")
+    memory.save(out)
+    print(f"wrote {out}")
+
+
+def command_nll(args) -> None:
+    from locas.data import read_text
+
+    text = read_text(args.text_file)
+    memory = _read_memory(args.memory) if args.memory else None
+    model, tokenizer = _load(args)
+    locas_model = _locas_model(model, memory)
+    token_ids = _tokens(tokenizer, text, args.text_file, args.max_tokens)
+    input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
+    result = _score(locas_model, tokenizer, input_ids, attention_mask)
+    source = f"memory {args.memory}" if args.memory else "no memory"
+    print(
+        f"{args.text_file}: {result['tokens']} tokens, {source}: NLL {result['nll']:.4f}  "
+        f"perplexity {result['perplexity']:.3f}  bits/byte {result['bits_per_byte']:.4f}"
+    )
+
+
+def command_generate(args) -> None:
+    if not args.prompt.strip():
+        raise CommandError("the prompt is empty; pass some text to continue")
+    memory = _read_memory(args.memory) if args.memory else None
+    model, tokenizer = _load(args)
+    locas_model = _locas_model(model, memory)
+    prompt = args.prompt
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise CommandError("--chat needs a tokenizer with a chat template; this model's has none: drop --chat")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    encoded = tokenizer(prompt, return_tensors="pt").to(locas_model.device)
+    with torch.no_grad():
+        output = locas_model.generate(
+            input_ids=encoded.input_ids,
+            attention_mask=encoded.attention_mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    print(tokenizer.decode(output[0, encoded.input_ids.shape[1] :], skip_special_tokens=True))
+
+
+def command_export(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "is a non-empty folder" if out.is_dir() else "is a file"
+        raise CommandError(f"--out {str(out)!r} already exists and {kind}; choose a new folder")
+    _check_output_path(out)
+    memory = _read_memory(args.memory)
+    model, tokenizer = _load(args)
+    locas_model = _locas_model(model, memory)
+    memory = locas_model.memory
+    dense = locas_model.to_dense(memory, index=args.index)
+    probe = tokenizer(
+        "The memory is merged into the weights, and the model is served as usual.", return_tensors="pt"
+    ).input_ids.to(locas_model.device)
+    with torch.no_grad(), locas_model.using(memory if args.index is None else memory.select(args.index)):
+        expected = locas_model(input_ids=probe).logits.float()
+
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        dense.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=dense.dtype).to(locas_model.device).eval()
+        with torch.no_grad():
+            difference = (reloaded(input_ids=probe).logits.float() - expected).abs().max().item()
+        tolerance = 1e-4 if dense.dtype == torch.float32 else 5e-2
+        if not difference <= tolerance:
+            raise CommandError(
+                f"reloaded dense model differs from the memory model by {difference:.3g} (> {tolerance})"
+            )
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    width_field = locas_model.family.width_field
+    print(
+        f"exported {out}: {type(dense).__name__}, {width_field} {getattr(dense.config, width_field)}; "
+        f"reloaded logits match the memory model (max abs diff {difference:.2e})"
+    )
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from locas.memorize import MEMORY_INITS
+
+    parser = argparse.ArgumentParser(prog="locas", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model_options = argparse.ArgumentParser(add_help=False)
+    model_options.add_argument(
+        "--model", default=None, help="local folder, .gguf file or hub id (default: the embedded SmolLM2-135M)"
+    )
+    model_options.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model_options.add_argument(
+        "--device", type=device_name, default=None, help="e.g. cpu, cuda, cuda:1 (default: where it loads)"
+    )
+    text_options = argparse.ArgumentParser(add_help=False)
+    text_options.add_argument("text_file", help="UTF-8 text file")
+    text_options.add_argument("--max-tokens", type=at_least_two, default=4096, help="use the first N tokens")
+    text_options.add_argument("--window", type=at_least_two, default=1024, help="tokens per forward window")
+
+    memorize = commands.add_parser(
+        "memorize", parents=[model_options, text_options], help="memorize a text into a memory file"
+    )
+    memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
+    memorize.add_argument("--width", type=positive_int, default=64, help="memory slots per layer")
+    memorize.add_argument("--init", default="highest", choices=MEMORY_INITS)
+    memorize.add_argument("--train-steps", type=non_negative_int, default=0, help="NTP steps on the text after")
+    memorize.add_argument("--lr", type=positive_float, default=4e-3)
+    memorize.add_argument("--seed", type=int, default=0)
+    memorize.set_defaults(run=command_memorize)
+
+    nll = commands.add_parser("nll", parents=[model_options, text_options], help="perplexity and bits per byte")
+    nll.add_argument("--memory", default=None, help="memory file to attach")
+    nll.set_defaults(run=command_nll)
+
+    generate = commands.add_parser("generate", parents=[model_options], help="generate text, optionally with a memory")
+    generate.add_argument("prompt")
+    generate.add_argument("--memory", default=None)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    generate.set_defaults(run=command_generate)
+
+    export = commands.add_parser(
+        "export", parents=[model_options], help="merge a memory into the weights and save a vanilla checkpoint"
+    )
+    export.add_argument("--memory", required=True)
+    export.add_argument("--out", required=True, help="new folder for the checkpoint and tokenizer")
+    export.add_argument("--index", type=int, default=None, help="which memory of a batched memory file to merge")
+    export.set_defaults(run=command_export)
+    return parser
+
+
+@contextmanager
+def _quiet_transformers():
+    """No transformers progress bars (loading, saving) while a command runs: stderr is for our messages."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from locas.default_model import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        with _quiet_transformers():
+            args.run(args)
+    except (CommandError, ModelLoadError, OSError, ValueError, IndexError) as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"locas {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"locas {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

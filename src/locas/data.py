@@ -1,0 +1,43 @@
+"""Reading text and cutting token streams into fixed windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text; FileNotFoundError / ValueError with the path for a missing, unreadable or empty file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"text path {str(path)!r} is a folder, not a text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({error.reason})") from error
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty")
+    return text
+
+
+def split_windows(token_ids: torch.Tensor, window: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a 1-D token stream into rows of `window` tokens, the last row right-padded.
+
+    Returns (input_ids, attention_mask), both (rows, window). A last piece of a single token is
+    dropped, since it holds no prediction.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    token_ids = token_ids.flatten()
+    pieces = [piece for piece in token_ids.split(window) if piece.numel() >= 2]
+    if not pieces:
+        raise ValueError(f"need at least 2 tokens, got {token_ids.numel()}")
+    input_ids = torch.full((len(pieces), window), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pieces), window), dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        input_ids[row, : piece.numel()] = piece
+        attention_mask[row, : piece.numel()] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,228 @@
+"""memorize(): initialise a memory from one forward pass of the frozen backbone.
+
+Neuron j of layer l is scored by its mean absolute intermediate activation (the input of the MLP's
+output projection) over the non-padding tokens; the chosen neurons' key (and gate) rows are cloned,
+normalised to unit length, and the values start at zero, so the model is unchanged until trained.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from locas.memory import Memory
+
+if TYPE_CHECKING:
+    from locas.model import LocasModel
+
+MEMORY_INITS = ("highest", "lowest", "random_index", "random", "gradient")
+
+
+def _normalize(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.float32)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+    return attention_mask.float()
+
+
+def _check_inputs(input_ids: torch.Tensor, width: int, memory_init: str) -> None:
+    if memory_init not in MEMORY_INITS:
+        raise ValueError(f"unknown memory_init {memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
+    if width <= 0:
+        raise ValueError(f"memory width (keep_top) must be a positive integer, got {width}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+
+
+@contextmanager
+def _capture_inputs(modules: list[torch.nn.Module]):
+    """Record the first positional input of each module on every forward call."""
+    captured: list[torch.Tensor | None] = [None] * len(modules)
+
+    def make_hook(index: int):
+        def hook(module, args):
+            captured[index] = args[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(i)) for i, module in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def neuron_scores(
+    model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean |intermediate activation| per neuron over each sequence's non-padding tokens.
+
+    Runs the bare backbone once, without grad. Shape (layers, batch, mlp_width), float32.
+    """
+    mask = _token_mask(input_ids, attention_mask).to(model.device)
+    mlps = model.family.mlps(model.model)
+    with torch.no_grad(), model.using(None), _capture_inputs([model.family.down_module(m) for m in mlps]) as acts:
+        model.model.base_model(input_ids=input_ids.to(model.device), attention_mask=attention_mask, use_cache=False)
+        sums = torch.stack([(a.float().abs() * mask.unsqueeze(-1)).sum(dim=1) for a in acts])
+    return sums / mask.sum(dim=1).clamp_min(1).unsqueeze(-1)
+
+
+def random_memory(model: LocasModel, width: int, batch_size: int = 1, seed: int = 0) -> Memory:
+    """Gaussian unit-norm keys (and gates), zero values: no cloning."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (model.num_layers, batch_size, width, model.model.config.hidden_size)
+    up = _normalize(torch.randn(shape, generator=generator))
+    gate = _normalize(torch.randn(shape, generator=generator)) if model.family.gated else None
+    return Memory(
+        up=up,
+        gate=gate,
+        down=torch.zeros(shape),
+        tau=model.default_tau(width),
+        metadata=model.new_metadata("random", 0),
+    )
+
+
+def select_neurons(scores: torch.Tensor, width: int, memory_init: str, seed: int = 0) -> torch.Tensor:
+    """Indices (layers, batch, width) of the neurons to clone, from scores (layers, batch, mlp_width)."""
+    mlp_width = scores.shape[-1]
+    if width > mlp_width:
+        raise ValueError(
+            f"cannot clone {width} neurons from an MLP of {mlp_width}; use a width (keep_top) <= {mlp_width}"
+        )
+    if memory_init == "highest":
+        return scores.topk(width, dim=-1).indices
+    if memory_init == "lowest":
+        return scores.topk(width, dim=-1, largest=False).indices
+    generator = torch.Generator().manual_seed(seed)
+    layers, batch, _ = scores.shape
+    return torch.stack([torch.randperm(mlp_width, generator=generator)[:width] for _ in range(layers * batch)]).view(
+        layers, batch, width
+    )
+
+
+def memorize(
+    model: LocasModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    keep_top: int = 64,
+    memory_init: str = "highest",
+    per_sequence: bool = False,
+    seed: int = 0,
+    gradient_scale: float = 1.0,
+) -> Memory:
+    """Build a memory of `keep_top` slots per layer from the text in `input_ids` (batch, seq).
+
+    memory_init: `highest` / `lowest` clone the neurons with the largest / smallest mean |activation|,
+    `random_index` clones random neurons (seeded), `random` makes Gaussian keys without cloning, and
+    `gradient` (2-layer-MLP families) stores the `keep_top` highest-loss tokens as slots: key = the
+    token's normalised MLP input, value = `gradient_scale` * the gradient of log p(next token) with
+    respect to each layer's MLP output, normalised jointly over layers. With `per_sequence` each
+    sequence gets its own memory (batch axis); otherwise all non-padding tokens make one memory.
+    """
+    _check_inputs(input_ids, keep_top, memory_init)
+    tokens = int(_token_mask(input_ids, attention_mask).sum())
+    batch_size = input_ids.shape[0] if per_sequence else 1
+    if memory_init == "random":
+        memory = random_memory(model, keep_top, batch_size=batch_size, seed=seed)
+        memory.metadata["tokens_memorized"] = tokens
+        return memory
+    if memory_init == "gradient":
+        return _gradient_memory(model, input_ids, attention_mask, keep_top, per_sequence, gradient_scale)
+
+    scores = neuron_scores(model, input_ids, attention_mask)
+    if not per_sequence:  # one memory from every token: weight each sequence by its token count
+        counts = _token_mask(input_ids, attention_mask).sum(dim=1).to(scores.device)
+        scores = (scores * counts.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.sum().clamp_min(1)
+    chosen = select_neurons(scores.cpu(), keep_top, memory_init, seed)
+
+    ups, gates = [], []
+    for layer, mlp in enumerate(model.family.mlps(model.model)):
+        weights = model.family.read(mlp)
+        ups.append(_normalize(weights.up.detach().float().cpu()[chosen[layer]]))
+        if weights.gate is not None:
+            gates.append(_normalize(weights.gate.detach().float().cpu()[chosen[layer]]))
+    up = torch.stack(ups)
+    return Memory(
+        up=up,
+        gate=torch.stack(gates) if gates else None,
+        down=torch.zeros_like(up),
+        tau=model.default_tau(keep_top),
+        metadata=model.new_metadata(memory_init, tokens),
+    )
+
+
+def _gradient_memory(
+    model: LocasModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    width: int,
+    per_sequence: bool,
+    scale: float,
+) -> Memory:
+    if model.family.gated:
+        raise ValueError(
+            f"memory_init='gradient' is for 2-layer-MLP families (gpt2, gpt_neox); {model.family.name} is gated: "
+            "use highest, lowest, random_index or random"
+        )
+    device = model.device
+    input_ids = input_ids.to(device)
+    target_mask = _token_mask(input_ids, attention_mask).to(device)[:, 1:]
+    mlps = model.family.mlps(model.model)
+    offsets = [
+        torch.zeros(*input_ids.shape, model.model.config.hidden_size, device=device, requires_grad=True) for _ in mlps
+    ]
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            return output + offsets[layer].to(output.dtype)
+
+        return hook
+
+    handles = [mlp.register_forward_hook(make_hook(i)) for i, mlp in enumerate(mlps)]
+    try:
+        with model.using(None), _capture_inputs(mlps) as inputs:
+            logits = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            keys_per_layer = [x.detach().float() for x in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    nll = torch.where(target_mask > 0, nll, torch.full_like(nll, -torch.inf))
+
+    # Choose the highest-loss positions (per sequence, or over the whole batch).
+    candidates = int((target_mask > 0).sum(dim=1).min()) if per_sequence else int((target_mask > 0).sum())
+    if width > candidates:
+        raise ValueError(
+            f"memory_init='gradient' makes one slot per token: {width} slots need at least {width} "
+            f"predicted tokens, the text has {candidates}"
+        )
+    flat = nll.detach() if per_sequence else nll.detach().reshape(1, -1)
+    positions = flat.topk(width, dim=-1).indices  # (memories, width)
+
+    (-nll[torch.isfinite(nll)].sum()).backward()
+    gradients = torch.stack([offset.grad[:, :-1].float() for offset in offsets])  # (L, B, T-1, d)
+    keys = torch.stack([k[:, :-1] for k in keys_per_layer])  # (L, B, T-1, d)
+    if not per_sequence:
+        gradients = gradients.reshape(gradients.shape[0], 1, -1, gradients.shape[-1])
+        keys = keys.reshape(keys.shape[0], 1, -1, keys.shape[-1])
+    index = positions.unsqueeze(0).unsqueeze(-1).expand(keys.shape[0], -1, -1, keys.shape[-1])
+    chosen_keys = torch.gather(keys, 2, index)
+    chosen_gradients = torch.gather(gradients, 2, index)
+    joint_norm = chosen_gradients.pow(2).sum(dim=(0, 3), keepdim=True).sqrt().clamp_min(1e-12)
+    return Memory(
+        up=_normalize(chosen_keys).cpu(),
+        down=(scale * chosen_gradients / joint_norm).cpu(),
+        tau=model.default_tau(width),
+        metadata=model.new_metadata("gradient", int(_token_mask(input_ids, attention_mask).sum())),
+    )

@@ -1,0 +1,202 @@
+"""The Memory: a side MLP of `width` slots in every layer, with a batch axis.
+
+Tensors, all float32 (the master copy, whatever the backbone's dtype):
+
+    up    (layers, batch, width, hidden)   keys (the up projection rows)
+    gate  (layers, batch, width, hidden)   gate rows (gated families only)
+    down  (layers, batch, width, hidden)   values, one output vector per slot
+    tau   (layers, width)                  output scale per slot, shared by the batch
+
+Layer l adds `sum_j tau[l, j] * act_j(x) * down[l, b, j]` to the MLP output of sequence b, where
+`act_j(x) = act(gate_j . x) * (up_j . x)` (gated) or `act(up_j . x)` (2-layer MLP). Keeping tau per
+slot makes concatenating two memories exactly the sum of their outputs. A memory with batch 1 serves
+any batch size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+SLOT_TENSORS = ("up", "gate", "down")
+
+
+class Memory(nn.Module):
+    """Trainable slot tensors plus the metadata needed to check them against a base model."""
+
+    def __init__(
+        self,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        tau: torch.Tensor,
+        gate: torch.Tensor | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if up.dim() != 4 or down.shape != up.shape or (gate is not None and gate.shape != up.shape):
+            raise ValueError(
+                "memory tensors must all have shape (layers, batch, width, hidden); got "
+                f"up {tuple(up.shape)}, down {tuple(down.shape)}, gate {None if gate is None else tuple(gate.shape)}"
+            )
+        if tau.shape != (up.shape[0], up.shape[2]):
+            raise ValueError(
+                f"tau must have shape (layers, width) = {(up.shape[0], up.shape[2])}, got {tuple(tau.shape)}"
+            )
+        self.up = nn.Parameter(up.float())
+        self.register_parameter("gate", None if gate is None else nn.Parameter(gate.float()))
+        self.down = nn.Parameter(down.float())
+        self.register_buffer("tau", tau.float())
+        self.metadata = dict(metadata or {})
+
+    # --- shape -------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.up.shape[2]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.up.shape[3]
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in SLOT_TENSORS if getattr(self, name) is not None}
+
+    def _new(self, metadata_update: dict | None = None, **tensors: torch.Tensor) -> Memory:
+        return Memory(**tensors, metadata={**self.metadata, **(metadata_update or {})})
+
+    # --- the computation ---------------------------------------------------------------------
+
+    def layer_output(self, layer: int, x: torch.Tensor, activation: nn.Module) -> torch.Tensor:
+        """This memory's contribution to layer `layer`'s MLP output for input `x` (batch, seq, hidden)."""
+        if self.batch_size not in (1, x.shape[0]):
+            raise ValueError(
+                f"a memory with batch {self.batch_size} cannot serve a batch of {x.shape[0]} sequences; "
+                "use a memory of batch 1 or one memory per sequence"
+            )
+        dtype = x.dtype
+        up = self.up[layer].to(dtype)  # (batch, width, hidden), broadcasts over x's batch when 1
+        hidden = x @ up.transpose(-1, -2)
+        if self.gate is not None:
+            hidden = activation(x @ self.gate[layer].to(dtype).transpose(-1, -2)) * hidden
+        else:
+            hidden = activation(hidden)
+        values = self.down[layer] * self.tau[layer].unsqueeze(-1)
+        return hidden @ values.to(dtype)
+
+    @torch.no_grad()
+    def clip_(self, max_norm: float = 1.0) -> Memory:
+        """Rescale every slot vector (key, gate and value rows) to norm at most `max_norm`, in place."""
+        for tensor in self.slot_tensors().values():
+            norms = tensor.norm(dim=-1, keepdim=True)
+            tensor.mul_(max_norm / norms.clamp_min(max_norm))
+        return self
+
+    # --- composition -------------------------------------------------------------------------
+
+    def select(self, index: int) -> Memory:
+        """The memory of one sequence of the batch, as a batch-1 memory."""
+        if not -self.batch_size <= index < self.batch_size:
+            raise IndexError(f"memory index {index} out of range for a batch of {self.batch_size}")
+        tensors = {name: t.detach()[:, index : index + 1].clone() for name, t in self.slot_tensors().items()}
+        return self._new(**tensors, tau=self.tau.clone())
+
+    def concat(self, other: Memory) -> Memory:
+        """A memory of width `self.width + other.width` whose output is exactly the sum of both outputs."""
+        self._check_compatible(other)
+        tensors = {
+            name: torch.cat([t.detach(), other.slot_tensors()[name].detach()], dim=2)
+            for name, t in self.slot_tensors().items()
+        }
+        tokens = self.metadata.get("tokens_memorized", 0) + other.metadata.get("tokens_memorized", 0)
+        inits = [m.metadata.get("init") for m in (self, other)]
+        return self._new(
+            {"tokens_memorized": tokens, "init": inits[0] if inits[0] == inits[1] else "+".join(map(str, inits))},
+            **tensors,
+            tau=torch.cat([self.tau, other.tau], dim=1),
+        )
+
+    def remove_slots(self, slots: list[int] | torch.Tensor) -> Memory:
+        """A copy without the given slot indices (the same slots in every layer)."""
+        slots = torch.as_tensor(slots, dtype=torch.long).flatten()
+        if slots.numel() and (slots.min() < 0 or slots.max() >= self.width):
+            raise IndexError(f"slot indices must lie in [0, {self.width}); got {slots.tolist()}")
+        keep = torch.ones(self.width, dtype=torch.bool)
+        keep[slots] = False
+        if not keep.any():
+            raise ValueError("removing every slot would leave an empty memory")
+        tensors = {name: t.detach()[:, :, keep].clone() for name, t in self.slot_tensors().items()}
+        return self._new(**tensors, tau=self.tau[:, keep].clone())
+
+    def _check_compatible(self, other: Memory) -> None:
+        mine = (self.num_layers, self.batch_size, self.hidden_size, self.gated, self.metadata.get("fingerprint"))
+        theirs = (other.num_layers, other.batch_size, other.hidden_size, other.gated, other.metadata.get("fingerprint"))
+        if mine != theirs:
+            raise ValueError(
+                "cannot concatenate memories of different shape or base model: "
+                f"(layers, batch, hidden, gated, fingerprint) {mine} vs {theirs}"
+            )
+
+    # --- files -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tensors and metadata to one safetensors file, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.slot_tensors().items()}
+        tensors["tau"] = self.tau.detach().contiguous().cpu()
+        metadata = {**self.metadata, "format_version": FORMAT_VERSION, "width": self.width, "gated": self.gated}
+        temporary = path.with_name(path.name + ".partial")
+        try:
+            save_file(tensors, str(temporary), metadata={"locas": json.dumps(metadata)})
+            temporary.replace(path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Memory:
+        """Read a memory file (no check against a model: see `locas.load_memory`)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"memory file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ValueError(f"memory path {str(path)!r} is a folder, not a memory file")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as error:  # safetensors raises several types for a corrupt file
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
+        if "locas" not in header:
+            raise ValueError(f"{str(path)!r} is a safetensors file but not a locas memory (no 'locas' metadata)")
+        metadata = json.loads(header["locas"])
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{str(path)!r} has memory format version {version}; this locas reads {FORMAT_VERSION}")
+        missing = [name for name in ("up", "down", "tau") if name not in tensors]
+        if missing or metadata.get("gated") != ("gate" in tensors):
+            raise ValueError(f"{str(path)!r} is an incomplete locas memory (missing tensors: {missing or ['gate']})")
+        for key in ("format_version", "width", "gated"):
+            metadata.pop(key, None)
+        return cls(
+            up=tensors["up"], gate=tensors.get("gate"), down=tensors["down"], tau=tensors["tau"], metadata=metadata
+        )

@@ -1,0 +1,71 @@
+"""to_dense(): concatenate a memory into the MLP weights, giving a vanilla checkpoint.
+
+Gated:   gate' = [gate; gate_m]   up' = [up; up_m]   down' = [down, tau * down_m]
+2-layer: up'   = [up; up_m] (zero bias for the new neurons)   down' = [down, tau * down_m]
+
+The new neurons compute exactly the memory's slots, so the merged model equals the memory model. The
+concatenation is done in float32 and cast back to the backbone's dtype once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedModel
+
+from locas.families import MLPWeights
+from locas.memory import Memory
+from locas.model import check_memory
+
+if TYPE_CHECKING:
+    from locas.model import LocasModel
+
+
+def _widen(old: torch.Tensor | None, new_rows: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """Append rows (or zeros for a bias) in float32; None stays None."""
+    if old is None:
+        return None
+    old32 = old.detach().float()
+    extra = new_rows if new_rows is not None else old32.new_zeros(width, *old32.shape[1:])
+    return torch.cat([old32, extra.to(old32.device)], dim=0)
+
+
+def to_dense(model: LocasModel, memory: Memory, index: int | None = None) -> PreTrainedModel:
+    """A copy of `model`'s backbone whose MLPs are `width` neurons wider and compute `mlp + memory`.
+
+    A memory with a batch of several sequences needs `index` to say which one to merge.
+    """
+    if memory is None:
+        raise ValueError("no memory to merge: attach or pass one")
+    if memory.batch_size > 1 and index is None:
+        raise ValueError(
+            f"this memory holds {memory.batch_size} sequences' memories; pass index=0..{memory.batch_size - 1} "
+            "to merge one of them"
+        )
+    if index is not None:
+        memory = memory.select(index)
+    check_memory(memory, model.model)
+
+    with model.hooks_removed() as backbone:
+        dense = copy.deepcopy(backbone)
+    family = model.family
+    width = memory.width
+    for layer, mlp in enumerate(family.mlps(dense)):
+        weights = family.read(mlp)
+        dtype = weights.up.dtype
+        values = (memory.down[layer, 0] * memory.tau[layer].unsqueeze(-1)).detach().float()  # (width, hidden)
+        widened = MLPWeights(
+            up=_widen(weights.up, memory.up[layer, 0].detach().float(), width),
+            gate=_widen(weights.gate, None if memory.gate is None else memory.gate[layer, 0].detach().float(), width),
+            down=_widen(weights.down.T, values, width).T,
+            up_bias=_widen(weights.up_bias, None, width),
+            gate_bias=_widen(weights.gate_bias, None, width),
+            down_bias=None if weights.down_bias is None else weights.down_bias.detach().float(),
+        )
+        family.write(mlp, MLPWeights(**{k: None if v is None else v.to(dtype) for k, v in vars(widened).items()}))
+    mlp_width = family.read(family.mlps(dense)[0]).up.shape[0]
+    setattr(dense.config, family.width_field, mlp_width)
+    dense.requires_grad_(False)
+    return dense

@@ -1,0 +1,245 @@
+"""Attach a memory to a HuggingFace causal LM: every layer computes `mlp(x) + memory(x)`.
+
+The memory runs in a forward hook on each decoder layer's MLP module, so the backbone's own modules,
+weights and state dict are untouched and the KV cache, `generate` and every attention backend keep
+working. `LocasModel.memory = None` (or a zero-valued memory) gives exactly the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from locas.families import MLPFamily, family_of
+from locas.memory import Memory
+
+
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the architecture a memory depends on (type, sizes, layer count, MLP width)."""
+    family = family_of(model)
+    mlps = family.mlps(model)
+    fields = {
+        "model_type": model.config.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_layers": len(mlps),
+        "mlp_width": family.read(mlps[0]).up.shape[0],
+        "vocab_size": model.config.vocab_size,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_description(model: PreTrainedModel) -> str:
+    family = family_of(model)
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return (
+        f"{name!r} ({model.config.model_type}, {len(family.mlps(model))} layers, "
+        f"hidden {model.config.hidden_size}, fingerprint {base_fingerprint(model)})"
+    )
+
+
+def output_scales(model: PreTrainedModel) -> torch.Tensor:
+    """Per layer, the mean norm of the backbone MLP's per-neuron output vectors, shape (layers,)."""
+    family = family_of(model)
+    return torch.stack([family.read(mlp).down.detach().float().norm(dim=0).mean() for mlp in family.mlps(model)])
+
+
+def token_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token NLL of `input_ids[:, 1:]` given `logits[:, :-1]`, shape (batch, seq - 1), in float32.
+
+    Positions whose target is padding hold 0.
+    """
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    if attention_mask is not None:
+        nll = nll * attention_mask[:, 1:].to(nll.dtype)
+    return nll
+
+
+def check_memory(memory: Memory, model: PreTrainedModel) -> None:
+    """Raise ValueError, naming both, if `memory` was made for another base model than `model`."""
+    family = family_of(model)
+    stored = memory.metadata.get("fingerprint")
+    same_shape = (memory.num_layers, memory.hidden_size, memory.gated) == (
+        len(family.mlps(model)),
+        model.config.hidden_size,
+        family.gated,
+    )
+    if not same_shape or (stored is not None and stored != base_fingerprint(model)):
+        made_for = (
+            f"{memory.metadata.get('base_model', '?')!r} ({memory.metadata.get('family', '?')}, "
+            f"{memory.num_layers} layers, hidden {memory.hidden_size}, fingerprint {stored})"
+        )
+        raise ValueError(
+            f"this memory was made for {made_for} but the model is {base_description(model)}; "
+            "load it onto the base model it was made for"
+        )
+    # Same architecture, other weights (e.g. a base vs an instruct checkpoint): allowed, but said.
+    stored_scales = memory.metadata.get("output_scales")
+    if stored_scales is not None:
+        scales = output_scales(model)
+        if not torch.allclose(torch.tensor(stored_scales), scales, rtol=1e-2):
+            warnings.warn(
+                f"this memory was made for {memory.metadata.get('base_model', '?')!r}, whose MLP weights differ "
+                f"from those of {base_description(model)}; it may not transfer",
+                stacklevel=2,
+            )
+
+
+class LocasModel(nn.Module):
+    """A frozen causal LM plus an optional Memory added to every layer's MLP output."""
+
+    def __init__(self, model: PreTrainedModel, memory: Memory | None = None) -> None:
+        super().__init__()
+        self.family: MLPFamily = family_of(model)
+        self.model = model
+        self.model.requires_grad_(False)
+        self.memory = memory
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._install_hooks()
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        for layer, mlp in enumerate(self.family.mlps(self.model)):
+            activation = self.family.activation(mlp)
+
+            def hook(module, args, kwargs, output, layer=layer, activation=activation):
+                if self.memory is None:
+                    return output
+                x = args[0] if args else next(iter(kwargs.values()))
+                return output + self.memory.layer_output(layer, x, activation)
+
+            self._hooks.append(mlp.register_forward_hook(hook, with_kwargs=True))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    @contextmanager
+    def hooks_removed(self) -> Iterator[PreTrainedModel]:
+        """The bare backbone for the duration of the block (e.g. to copy it)."""
+        self._remove_hooks()
+        try:
+            yield self.model
+        finally:
+            self._install_hooks()
+
+    def detach(self) -> PreTrainedModel:
+        """Remove the memory's hooks for good and return the untouched backbone."""
+        self._remove_hooks()
+        self.memory = None
+        return self.model
+
+    @contextmanager
+    def using(self, memory: Memory | None) -> Iterator[LocasModel]:
+        """Temporarily run with `memory` (None: the bare backbone)."""
+        previous = self.memory
+        self.memory = memory
+        try:
+            yield self
+        finally:
+            self.memory = previous
+
+    # --- running the model -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._hooks) or len(self.family.mlps(self.model))
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """`model.generate` with the attached memory active (KV cache included)."""
+        return self.model.generate(*args, **kwargs)
+
+    def compute_nll(
+        self,
+        input_ids: torch.Tensor,
+        memory: Memory | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token NLL, shape (batch, seq - 1), with `memory` (default: the attached one).
+
+        Entry t is -log p(input_ids[:, t + 1] | input_ids[:, : t + 1]); padded targets hold 0.
+        """
+        memory = self.memory if memory is None else memory
+        with torch.no_grad(), self.using(memory):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return token_nll(logits, input_ids, attention_mask)
+
+    # --- memories ----------------------------------------------------------------------------
+
+    def new_metadata(self, init: str, tokens_memorized: int) -> dict:
+        return {
+            "base_model": getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__,
+            "fingerprint": base_fingerprint(self.model),
+            "family": self.family.name,
+            "num_layers": self.num_layers,
+            "hidden_size": self.model.config.hidden_size,
+            "init": init,
+            "tokens_memorized": tokens_memorized,
+            "tau_rule": "mean backbone output-vector norm / width",
+            "output_scales": [round(v, 6) for v in output_scales(self.model).tolist()],
+        }
+
+    def default_tau(self, width: int) -> torch.Tensor:
+        """tau per (layer, slot): the layer's mean output-vector norm divided by the width."""
+        return (output_scales(self.model) / width).unsqueeze(1).expand(-1, width).clone()
+
+    def attach_memory(self, memory: Memory) -> Memory:
+        """Check `memory` against the backbone, move it to the backbone's device and make it active."""
+        check_memory(memory, self.model)
+        self.memory = memory.to(self.device)
+        return self.memory
+
+    def memorize(self, input_ids: torch.Tensor, **kwargs) -> Memory:
+        """Initialise and attach a memory from one forward pass; see `locas.memorize.memorize`."""
+        from locas.memorize import memorize
+
+        return self.attach_memory(memorize(self, input_ids, **kwargs))
+
+    def to_dense(self, memory: Memory | None = None, index: int | None = None) -> PreTrainedModel:
+        """A vanilla model with the memory concatenated into its MLPs; see `locas.merge.to_dense`."""
+        from locas.merge import to_dense
+
+        return to_dense(self, self.memory if memory is None else memory, index=index)
+
+
+def attach(model: PreTrainedModel, width: int = 64, memory: Memory | None = None, seed: int = 0) -> LocasModel:
+    """Freeze `model` and add a memory to every decoder layer.
+
+    Without `memory`, a fresh one of `width` slots is attached: random unit-norm keys and zero values,
+    so the model's outputs are exactly the backbone's until the memory is trained or memorized.
+    """
+    locas_model = LocasModel(model)
+    if memory is None:
+        from locas.memorize import random_memory
+
+        memory = random_memory(locas_model, width=width, seed=seed)
+    locas_model.attach_memory(memory)
+    return locas_model
+
+
+def load_memory(path: str | Path, model: PreTrainedModel | LocasModel) -> Memory:
+    """Read a memory file and check it belongs to `model`'s base; attach it when `model` is a LocasModel."""
+    memory = Memory.load(path)
+    if isinstance(model, LocasModel):
+        return model.attach_memory(memory)
+    check_memory(memory, model)
+    return memory

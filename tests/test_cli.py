@@ -1,0 +1,480 @@
+"""The `locas` command: happy paths and one clear stderr line per bad input, on tiny local model folders.
+
+Every command runs in-process through `locas.cli.main`; the models are 2-layer random Llamas saved with a
+byte-level BPE tokenizer (see cli_fixtures.py), so the whole file runs in seconds and needs no download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import transformers
+from cli_fixtures import TEXT, save_tiny_model, tiny_tokenizer
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import locas.training
+from locas.cli import main
+from locas.memory import Memory
+
+WIDTH = 8
+WINDOW = ["--window", "64"]
+NLL_LINE = re.compile(r"NLL (\d+\.\d+)\s+perplexity (\d+\.\d+)\s+bits/byte (\d+\.\d+)")
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub lookup fails at once instead of trying the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: one thread is faster, and much faster when other processes load the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny model folders of different width, a text, and a memory for each model (made by the CLI)."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = tiny_tokenizer()
+    paths = {
+        "base": save_tiny_model(root / "base", tokenizer, hidden_size=32, seed=0),
+        "other": save_tiny_model(root / "other", tokenizer, hidden_size=48, seed=1),
+        "text": root / "text.txt",
+        "memory": root / "memory.safetensors",
+        "other_memory": root / "other.safetensors",
+    }
+    paths["text"].write_text(TEXT, encoding="utf-8")
+    for model, memory, extra in [
+        ("base", "memory", ["--train-steps", "3", "--lr", "0.02"]),
+        ("other", "other_memory", []),
+    ]:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+            code = main(
+                ["memorize", str(paths["text"]), "--model", str(paths[model]), "--out", str(paths[memory])]
+                + ["--width", str(WIDTH), *WINDOW, *extra]
+            )
+        assert code == 0, stdout.getvalue()
+        paths[memory + "_stdout"] = stdout.getvalue()
+    return paths
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
+    """main(argv) -> (exit code, stdout, stderr); argparse's SystemExit becomes its code."""
+    capsys.readouterr()  # drop what the test itself printed before
+    try:
+        code = main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str, command: str, *fragments: str | Path) -> str:
+    """The single stderr line `locas COMMAND: error: ...`, checked to contain every fragment."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"locas {command}: error: "), err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def usage_error(err: str, command: str, *fragments: str) -> str:
+    """argparse's error: usage lines, then one `locas COMMAND: error: ...` line, checked for the fragments."""
+    last = err.strip().splitlines()[-1]
+    assert err.startswith("usage: "), err
+    assert last.startswith(f"locas {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    return last
+
+
+def nll_of(out: str) -> tuple[float, float, float]:
+    match = NLL_LINE.search(out)
+    assert match, out
+    return tuple(float(value) for value in match.groups())
+
+
+# --- happy paths -----------------------------------------------------------------------------------
+
+
+def test_memorize_writes_a_memory_and_the_loss_goes_down(files: dict) -> None:
+    out = files["memory_stdout"]
+    assert re.search(rf"memorized \d+ tokens into {WIDTH} slots x 2 layers \(highest\)", out), out
+    match = re.search(r"training loss (\d+\.\d+) -> (\d+\.\d+) nats/token over 3 steps", out)
+    assert match, out
+    before, after = map(float, match.groups())
+    assert after < before
+    assert f"wrote {files['memory']}" in out
+    memory = Memory.load(files["memory"])
+    assert (memory.num_layers, memory.width, memory.hidden_size) == (2, WIDTH, 32)
+    assert memory.metadata["train_steps"] == 3
+    assert memory.down.abs().sum() > 0  # trained values
+    assert [p.name for p in files["memory"].parent.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_nll_is_lower_with_the_trained_memory(files: dict, capsys) -> None:
+    code, out, err = run(capsys, "nll", files["text"], "--model", files["base"], *WINDOW)
+    assert code == 0 and err == "", err
+    assert "no memory" in out
+    base_nll, perplexity, bits_per_byte = nll_of(out)
+    assert perplexity == pytest.approx(math.exp(base_nll), rel=1e-3)
+    assert 0 < bits_per_byte < 20
+
+    code, out, err = run(capsys, "nll", files["text"], "--model", files["base"], "--memory", files["memory"], *WINDOW)
+    assert code == 0 and err == "", err
+    assert str(files["memory"]) in out
+    assert nll_of(out)[0] < base_nll
+
+
+def test_export_reloads_as_a_plain_model_with_the_same_nll(files: dict, tmp_path: Path, capsys) -> None:
+    exported = tmp_path / "exported"
+    code, out, err = run(capsys, "export", "--model", files["base"], "--memory", files["memory"], "--out", exported)
+    assert code == 0 and err == "", err
+    assert "reloaded logits match" in out and f"intermediate_size {48 + WIDTH}" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no staging folder left
+
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.intermediate_size == 48 + WIDTH
+    assert tokenizer.decode(tokenizer("Locas clones neurons.").input_ids) == "Locas clones neurons."
+
+    code, out, _ = run(capsys, "nll", files["text"], "--model", exported, *WINDOW)
+    assert code == 0 and "no memory" in out
+    dense_nll = nll_of(out)
+    code, out, _ = run(capsys, "nll", files["text"], "--model", files["base"], "--memory", files["memory"], *WINDOW)
+    assert code == 0
+    assert f"{dense_nll[0]:.4f}" == f"{nll_of(out)[0]:.4f}"
+    assert f"{dense_nll[2]:.4f}" == f"{nll_of(out)[2]:.4f}"
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_generate_prints_a_continuation(files: dict, with_memory: bool, capsys) -> None:
+    memory = ["--memory", files["memory"]] if with_memory else []
+    code, out, err = run(
+        capsys, "generate", "The quick brown", "--model", files["base"], "--max-new-tokens", 5, *memory
+    )
+    assert code == 0 and err == "", err
+    assert out.endswith("\n") and len(out) > 1
+
+
+def test_python_dash_m_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "locas", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("memorize", "nll", "generate", "export"):
+        assert command in result.stdout
+
+
+# --- bad input: one line on stderr, exit 2, nothing written --------------------------------------------
+
+
+def test_no_command_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("locas: error: ")
+
+
+@pytest.mark.parametrize("command", ["memorize", "nll"])
+def test_missing_text_file(files: dict, tmp_path: Path, command: str, capsys) -> None:
+    missing = tmp_path / "no-such-text.txt"
+    out = ["--out", tmp_path / "m.safetensors"] if command == "memorize" else []
+    code, _, err = run(capsys, command, missing, "--model", files["base"], *out)
+    assert code == 2
+    error_line(err, command, missing, "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["memorize", "nll"])
+def test_empty_text_file(files: dict, tmp_path: Path, command: str, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\t\n", encoding="utf-8")
+    out = ["--out", tmp_path / "m.safetensors"] if command == "memorize" else []
+    code, _, err = run(capsys, command, empty, "--model", files["base"], *out)
+    assert code == 2
+    error_line(err, command, empty, "empty")
+    assert list(tmp_path.iterdir()) == [empty]
+
+
+def test_text_that_is_not_utf8(files: dict, tmp_path: Path, capsys) -> None:
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    code, _, err = run(capsys, "nll", binary, "--model", files["base"])
+    assert code == 2
+    error_line(err, "nll", binary, "UTF-8")
+
+
+def test_text_of_one_token(files: dict, tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("a", encoding="utf-8")
+    code, _, err = run(capsys, "memorize", short, "--model", files["base"], "--out", tmp_path / "m.safetensors")
+    assert code == 2
+    error_line(err, "memorize", short, "fewer than 2 tokens")
+    assert list(tmp_path.iterdir()) == [short]
+
+
+@pytest.mark.parametrize("command", ["nll", "generate", "export"])
+def test_memory_of_another_model_names_both(files: dict, tmp_path: Path, command: str, capsys) -> None:
+    argv = {
+        "nll": ["nll", files["text"]],
+        "generate": ["generate", "Hello"],
+        "export": ["export", "--out", tmp_path / "exported"],
+    }[command]
+    code, _, err = run(capsys, *argv, "--model", files["base"], "--memory", files["other_memory"])
+    assert code == 2
+    line = error_line(err, command, "made for", files["other"], files["base"], "hidden 48", "hidden 32")
+    assert line.index(str(files["other"])) < line.index(str(files["base"]))  # made for OTHER, model is BASE
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["nll", "generate", "export"])
+def test_memory_file_that_does_not_exist(files: dict, tmp_path: Path, command: str, capsys) -> None:
+    missing = tmp_path / "no-such-memory.safetensors"
+    argv = {
+        "nll": ["nll", files["text"]],
+        "generate": ["generate", "Hello"],
+        "export": ["export", "--out", tmp_path / "exported"],
+    }[command]
+    code, _, err = run(capsys, *argv, "--model", files["base"], "--memory", missing)
+    assert code == 2
+    error_line(err, command, missing, "does not exist", "locas memorize")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("random.safetensors", bytes(range(256)) * 4, "not a readable safetensors file"),
+        ("notes.txt", b"just some notes\n", "not a readable safetensors file"),
+        ("plain.safetensors", None, "not a locas memory"),
+    ],
+)
+def test_file_that_is_not_a_memory(
+    files: dict, tmp_path: Path, name: str, content: bytes | None, message: str, capsys
+) -> None:
+    path = tmp_path / name
+    if content is None:
+        save_file({"weight": torch.zeros(2, 2)}, str(path))  # a safetensors file, but no locas metadata
+    else:
+        path.write_bytes(content)
+    for argv in (["nll", files["text"]], ["export", "--out", tmp_path / "exported"]):
+        code, _, err = run(capsys, *argv, "--model", files["base"], "--memory", path)
+        assert code == 2
+        error_line(err, argv[0], path, message, "locas memorize")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_memorize_out_must_end_in_safetensors(files: dict, tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "memorize", files["text"], "--model", files["base"], "--out", tmp_path / "memory.bin")
+    assert code == 2
+    error_line(err, "memorize", "memory.bin", "should end in .safetensors", "memory.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memorize_out_in_a_missing_folder_or_on_a_folder(files: dict, tmp_path: Path, capsys) -> None:
+    nested = tmp_path / "no" / "such" / "m.safetensors"
+    code, _, err = run(capsys, "memorize", files["text"], "--model", files["base"], "--out", nested)
+    assert code == 2
+    error_line(err, "memorize", nested, "does not exist", "create it")
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    code, _, err = run(capsys, "memorize", files["text"], "--model", files["base"], "--out", folder)
+    assert code == 2
+    error_line(err, "memorize", folder, "is a folder")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_export_refuses_an_existing_non_empty_out(files: dict, tmp_path: Path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for out in (taken, a_file):
+        code, _, err = run(capsys, "export", "--model", files["base"], "--memory", files["memory"], "--out", out)
+        assert code == 2
+        error_line(err, "export", out, "already exists", "choose a new folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"] and a_file.read_text() == "mine"
+
+
+def test_export_into_an_existing_empty_folder(files: dict, tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(
+        capsys, "export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "empty"
+    )
+    assert code == 0, err
+    assert (tmp_path / "empty" / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+def test_export_index_out_of_range(files: dict, tmp_path: Path, capsys) -> None:
+    argv = ["export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "x", "--index", "3"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    error_line(err, "export", "index 3 out of range")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["memorize", "nll", "generate", "export"])
+def test_model_path_that_does_not_exist(files: dict, tmp_path: Path, command: str, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    argv = {
+        "memorize": ["memorize", files["text"], "--out", tmp_path / "m.safetensors"],
+        "nll": ["nll", files["text"]],
+        "generate": ["generate", "Hello"],
+        "export": ["export", "--memory", files["memory"], "--out", tmp_path / "exported"],
+    }[command]
+    code, _, err = run(capsys, *argv, "--model", missing)
+    assert code == 2
+    error_line(err, command, missing, "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_that_cannot_be_found_offline(files: dict, capsys) -> None:
+    code, _, err = run(capsys, "nll", files["text"], "--model", "locas-test/no-such-model")
+    assert code == 2
+    error_line(err, "nll", "'locas-test/no-such-model'", "local model directory")  # a multi-line message, joined
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(files: dict, capsys) -> None:
+    code, _, err = run(capsys, "nll", files["text"], "--model", files["base"], "--device", "cuda")
+    assert code == 2
+    usage_error(err, "nll", "argument --device", "CUDA is not available", "--device cpu")
+
+
+def test_model_that_is_not_a_model(files: dict, tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "nll", files["text"], "--model", files["text"])
+    assert code == 2
+    error_line(err, "nll", files["text"], "neither a model directory nor a .gguf file")
+    (tmp_path / "weights").mkdir()
+    code, _, err = run(capsys, "nll", files["text"], "--model", tmp_path / "weights")
+    assert code == 2
+    error_line(err, "nll", tmp_path / "weights", "Could not load a causal LM")
+
+
+def test_model_folder_without_tokenizer(files: dict, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "no-tokenizer"
+    AutoModelForCausalLM.from_pretrained(files["base"]).save_pretrained(folder)
+    code, _, err = run(capsys, "nll", files["text"], "--model", folder)
+    assert code == 2
+    error_line(err, "nll", folder, "no usable tokenizer", "tokenizer.save_pretrained")
+
+
+def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors", "--width", "64"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    error_line(err, "memorize", "cannot clone 64 neurons from an MLP of 48", "<= 48")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gradient_init_on_a_gated_model(files: dict, tmp_path: Path, capsys) -> None:
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors"]
+    code, _, err = run(capsys, *argv, "--init", "gradient", "--width", "4")
+    assert code == 2
+    error_line(err, "memorize", "gradient", "gated", "highest")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_an_empty_prompt_and_chat_without_template(files: dict, capsys) -> None:
+    code, _, err = run(capsys, "generate", "   ", "--model", files["base"])
+    assert code == 2
+    error_line(err, "generate", "prompt is empty")
+    code, _, err = run(capsys, "generate", "Hello", "--model", files["base"], "--chat")
+    assert code == 2
+    error_line(err, "generate", "chat template", "drop --chat")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--width", "0"], ["argument --width", "must be a positive integer, got 0"]),
+        (["--width", "-3"], ["argument --width", "must be a positive integer"]),
+        (["--width", "many"], ["argument --width", "invalid"]),
+        (["--lr", "-1"], ["argument --lr", "must be a positive number"]),
+        (["--lr", "nan"], ["argument --lr", "must be a positive number"]),
+        (["--init", "biggest"], ["argument --init", "invalid choice", "'biggest'", "highest"]),
+        (["--train-steps", "-1"], ["argument --train-steps", "must be >= 0"]),
+        (["--window", "1"], ["argument --window", "at least 2"]),
+        (["--max-tokens", "0"], ["argument --max-tokens", "at least 2"]),
+        (["--dtype", "int8"], ["argument --dtype", "invalid choice"]),
+        (["--device", "toaster"], ["argument --device", "'toaster'", "not a torch device"]),
+    ],
+)
+def test_bad_memorize_flags_exit_2_before_doing_anything(
+    files: dict, tmp_path: Path, flags: list[str], fragments: list[str], capsys
+) -> None:
+    code, out, err = run(
+        capsys, "memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors", *flags
+    )
+    assert code == 2 and out == ""
+    usage_error(err, "memorize", *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_required_flags(files: dict, capsys) -> None:
+    code, _, err = run(capsys, "memorize", files["text"])
+    assert code == 2
+    usage_error(err, "memorize", "--out")
+    code, _, err = run(capsys, "export", "--out", "somewhere")
+    assert code == 2
+    usage_error(err, "export", "--memory")
+    code, _, err = run(capsys, "nll", files["text"], "--bogus")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "locas: error: unrecognized arguments: --bogus"
+
+
+# --- Ctrl-C: exit 130, nothing written ----------------------------------------------------------------
+
+
+def test_interrupted_memorize_writes_nothing(files: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(locas.training, "train_on_windows", interrupted)
+    out = tmp_path / "m.safetensors"
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, "--train-steps", "2"]
+    code, _, err = run(capsys, *argv)
+    assert code == 130
+    assert err.strip() == "locas memorize: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_no_folder(files: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C after the checkpoint was (partly) written to the staging folder: both are gone."""
+    save_pretrained = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_interrupt(self, *args, **kwargs):
+        save_pretrained(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_interrupt)
+    code, _, err = run(capsys, "export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "x")
+    assert code == 130
+    assert err.strip() == "locas export: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []

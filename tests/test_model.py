@@ -1,0 +1,136 @@
+import pytest
+import torch
+from conftest import GATED_FAMILIES, tiny_model
+from transformers import OPTConfig, OPTForCausalLM
+
+import locas
+from locas.model import LocasModel, output_scales
+
+
+def with_random_values(model, width=6, batch_size=1, seed=0, scale=1.0):
+    """A memorized memory whose values are random (so it changes the output)."""
+    memory = locas.memorize(model, torch.randint(0, 128, (1, 16)), keep_top=width, memory_init="highest")
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn((memory.num_layers, batch_size, width, memory.hidden_size), generator=generator) * scale
+    return locas.Memory(
+        up=memory.up.detach().expand(-1, batch_size, -1, -1),
+        gate=None if memory.gate is None else memory.gate.detach().expand(-1, batch_size, -1, -1),
+        down=down,
+        tau=memory.tau * 50,  # big enough to move the logits visibly
+        metadata=memory.metadata,
+    )
+
+
+def test_zero_memory_and_detach_give_backbone_logits_exactly(family_name, tokens):
+    model = tiny_model(family_name)
+    with torch.no_grad():
+        expected = model(tokens).logits
+        locas_model = locas.attach(model, width=8)
+        assert torch.equal(locas_model(tokens).logits, expected)
+        locas_model.memorize(tokens, keep_top=8)
+        assert torch.equal(locas_model(tokens).logits, expected)
+        locas_model.memory = with_random_values(locas_model)
+        assert not torch.allclose(locas_model(tokens).logits, expected)
+        backbone = locas_model.detach()
+        assert torch.equal(backbone(tokens).logits, expected)
+
+
+def test_backbone_frozen_and_only_memory_gets_gradients(family_name, tokens):
+    locas_model = locas.attach(tiny_model(family_name), width=4)
+    locas_model.memory = with_random_values(locas_model, width=4)
+    assert not any(p.requires_grad for p in locas_model.model.parameters())
+    locas_model(tokens).logits.sum().backward()
+    for name, tensor in locas_model.memory.slot_tensors().items():
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
+
+
+def test_layer_output_matches_slot_by_slot_formula(family_name):
+    locas_model = locas.attach(tiny_model(family_name), width=5)
+    memory = with_random_values(locas_model, width=5)
+    mlp = locas_model.family.mlps(locas_model.model)[1]
+    activation = locas_model.family.activation(mlp)
+    x = torch.randn(1, 3, memory.hidden_size)
+    expected = torch.zeros(1, 3, memory.hidden_size)
+    for j in range(memory.width):
+        pre = x @ memory.up[1, 0, j]
+        strength = activation(x @ memory.gate[1, 0, j]) * pre if memory.gated else activation(pre)
+        expected += memory.tau[1, j] * strength.unsqueeze(-1) * memory.down[1, 0, j]
+    torch.testing.assert_close(memory.layer_output(1, x, activation), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tau_is_mean_output_vector_norm_over_width(family_name):
+    model = tiny_model(family_name)
+    locas_model = locas.attach(model, width=8)
+    mlp = locas_model.family.mlps(model)[0]
+    # Each neuron's output vector, read from the raw module: Conv1D stores (in, out), Linear (out, in).
+    raw = mlp.c_proj.weight if family_name == "gpt2" else locas_model.family.down_module(mlp).weight.T
+    expected = raw.norm(dim=1).mean() / 8
+    torch.testing.assert_close(locas_model.memory.tau[0], expected.expand(8))
+    assert output_scales(model).shape == (2,)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_batch_of_memories_equals_separate_runs(family_name, tokens):
+    locas_model = locas.attach(tiny_model(family_name), width=4)
+    batched = with_random_values(locas_model, width=4, batch_size=2)
+    with torch.no_grad():
+        together = locas_model.compute_nll(tokens, memory=batched)
+        for index in range(2):
+            alone = locas_model.compute_nll(tokens[index : index + 1], memory=batched.select(index))
+            torch.testing.assert_close(together[index : index + 1], alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(
+            locas_model.compute_nll(tokens[:1], memory=batched.select(0)),
+            locas_model.compute_nll(tokens[:1], memory=batched.select(1)),
+        )
+
+
+def test_memory_batch_must_match_input_batch(tokens):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    three = with_random_values(locas_model, width=4, batch_size=3)
+    with pytest.raises(ValueError, match="batch 3 cannot serve a batch of 2"):
+        locas_model.compute_nll(tokens, memory=three)
+
+
+def test_compute_nll_is_cross_entropy_and_ignores_padding(tokens):
+    locas_model = locas.attach(tiny_model("qwen3"), width=4)
+    locas_model.memory = with_random_values(locas_model, width=4)
+    mask = torch.ones_like(tokens)
+    mask[1, 20:] = 0
+    nll = locas_model.compute_nll(tokens, attention_mask=mask)
+    assert nll.shape == (2, 23)
+    with torch.no_grad():
+        logits = locas_model(tokens[:1]).logits
+    manual = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="none")
+    torch.testing.assert_close(nll[0], manual, rtol=1e-5, atol=1e-5)
+    assert torch.all(nll[1, 19:] == 0) and torch.all(nll[1, :19] > 0)
+    with locas_model.using(None):
+        bare = locas_model.compute_nll(tokens[:1], memory=None)
+    assert not torch.allclose(bare, nll[:1])  # memory=None means "the attached one", which differs from bare
+
+
+def test_generate_with_memory_uses_kv_cache_consistently():
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    locas_model.memory = with_random_values(locas_model, width=4)
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = locas_model.generate(prompt, use_cache=True, **settings)
+    uncached = locas_model.generate(prompt, use_cache=False, **settings)
+    with locas_model.using(None):
+        bare = locas_model.generate(prompt, **settings)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, bare)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
+    with pytest.raises(ValueError, match=r"model_type 'opt'.*supported: .*gemma.*gpt2.*llama"):
+        LocasModel(OPTForCausalLM(config))
+
+
+@pytest.mark.parametrize("family_name", GATED_FAMILIES[:1])
+def test_bfloat16_backbone_keeps_its_dtype_and_float32_memory(family_name, tokens):
+    model = tiny_model(family_name, dtype=torch.bfloat16)
+    locas_model = locas.attach(model, width=4)
+    assert locas_model.memory.up.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert locas_model(tokens).logits.dtype == torch.bfloat16
