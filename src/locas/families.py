@@ -39,6 +39,8 @@ class MLPFamily:
     model_types: tuple[str, ...] = ()
     gated: bool = True
     width_field: str = "intermediate_size"
+    # Module names TempLoRA-style baselines put LoRA on: attention q, k, v, o and the MLP's projections.
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def layers(self, model: PreTrainedModel) -> list[nn.Module]:
         """The decoder layers, in order."""
@@ -109,6 +111,7 @@ class GPT2Family(MLPFamily):
     model_types = ("gpt2",)
     gated = False
     width_field = "n_inner"
+    lora_targets = ("c_attn", "c_proj", "c_fc")  # c_proj names both the attention and the MLP output
 
     def layers(self, model: PreTrainedModel) -> list[nn.Module]:
         return list(model.transformer.h)
@@ -146,6 +149,7 @@ class GPTNeoXFamily(MLPFamily):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
     gated = False
+    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def activation(self, mlp: nn.Module) -> nn.Module:
         return mlp.act

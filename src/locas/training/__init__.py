@@ -1,6 +1,6 @@
-"""Training a memory: losses and loops. Only the memory learns; the backbone stays frozen."""
+"""Training a memory: losses and loops. Only the memory (or a LoRA baseline's adapter) learns."""
 
-from locas.training.losses import ntp_loss
+from locas.training.losses import LOSSES, LossInputs
 from locas.training.offline import train_on_windows
 
-__all__ = ["ntp_loss", "train_on_windows"]
+__all__ = ["LOSSES", "LossInputs", "train_on_windows"]

@@ -1,18 +1,50 @@
-"""Training losses for a memory. Each takes the LocasModel and a batch, and returns a scalar loss."""
+"""Test-time training losses. A loss is a function of a `LossInputs` returning a scalar tensor.
+
+`LossInputs.student_logits` are the trainable model's predictions for the chunk's target tokens; the
+frozen teacher's predictions (the backbone without memory or adapter, seeing a longer context) are
+computed only when a loss asks for them. Registering a new loss = one function in `LOSSES`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-
-from locas.model import token_nll
-
-if TYPE_CHECKING:
-    from locas.model import LocasModel
+import torch.nn.functional as F
 
 
-def ntp_loss(model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, summed over the predicted (non-padding) tokens."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return token_nll(logits, input_ids, attention_mask).sum()
+@dataclass
+class LossInputs:
+    student_logits: torch.Tensor  # (batch, n, vocab): predictions of the n target tokens
+    targets: torch.Tensor  # (batch, n)
+    teacher: Callable[[], torch.Tensor] | None = None  # () -> (batch, n, vocab) teacher logits, no grad
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def teacher_logits(self) -> torch.Tensor:
+        if self.teacher is None:
+            raise ValueError("this loss needs a teacher, but none was provided")
+        return self.teacher()
+
+
+def ntp(inputs: LossInputs) -> torch.Tensor:
+    """Next-token cross-entropy, mean over target tokens."""
+    return F.cross_entropy(inputs.student_logits.float().flatten(0, 1), inputs.targets.flatten())
+
+
+def sd(inputs: LossInputs) -> torch.Tensor:
+    """Self-distillation: KL(teacher || student) per target token, mean over tokens."""
+    student = F.log_softmax(inputs.student_logits.float(), dim=-1)
+    teacher = F.log_softmax(inputs.teacher_logits().float(), dim=-1)
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def mix(inputs: LossInputs) -> torch.Tensor:
+    """`mix_alpha` * NTP + (1 - `mix_alpha`) * SD."""
+    alpha = inputs.options.get("mix_alpha", 0.5)
+    return alpha * ntp(inputs) + (1 - alpha) * sd(inputs)
+
+
+LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {"ntp": ntp, "sd": sd, "mix": mix}
+NEEDS_TEACHER = {"sd", "mix"}

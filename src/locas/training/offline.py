@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from locas.training.losses import ntp_loss
+from locas.model import token_nll
 
 if TYPE_CHECKING:
     from locas.model import LocasModel
@@ -39,9 +39,10 @@ def train_on_windows(
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for row in range(input_ids.shape[0]):
-            loss = ntp_loss(
-                model, input_ids[row : row + 1].to(model.device), attention_mask[row : row + 1].to(model.device)
-            )
+            ids = input_ids[row : row + 1].to(model.device)
+            mask = attention_mask[row : row + 1].to(model.device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = token_nll(logits, ids, mask).sum()
             (loss / predicted).backward()
             total += loss.item()
         optimizer.step()
