@@ -41,6 +41,7 @@ class MLPFamily:
     width_field: str = "intermediate_size"
     # Module names TempLoRA-style baselines put LoRA on: attention q, k, v, o and the MLP's projections.
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_fan_in_fan_out: bool = False
 
     def layers(self, model: PreTrainedModel) -> list[nn.Module]:
         """The decoder layers, in order."""
@@ -112,6 +113,7 @@ class GPT2Family(MLPFamily):
     gated = False
     width_field = "n_inner"
     lora_targets = ("c_attn", "c_proj", "c_fc")  # c_proj names both the attention and the MLP output
+    lora_fan_in_fan_out = True  # Conv1D stores (in, out)
 
     def layers(self, model: PreTrainedModel) -> list[nn.Module]:
         return list(model.transformer.h)

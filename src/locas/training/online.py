@@ -102,6 +102,7 @@ class ChunkRecord:
     targets: int  # tokens scored (the stream's first token has no prediction)
     nll_sum: float  # nats, scored before any update on this chunk
     seconds: float
+    loss: float | None = None  # the training loss of the chunk's first step (None: not trained)
 
 
 @dataclass
@@ -228,12 +229,14 @@ class LoraLearner(Learner):
         from locas.families import family_of
 
         super().__init__(model, config)
+        family = family_of(model)
         torch.manual_seed(config.seed)  # the adapter's A matrices are random
         lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
-            target_modules=list(family_of(model).lora_targets),
+            target_modules=list(family.lora_targets),
+            fan_in_fan_out=family.lora_fan_in_fan_out,
         )
         self.peft_model = get_peft_model(model, lora_config)
 
@@ -308,8 +311,11 @@ def _save_atomically(state: dict, path: Path) -> None:
 
 def train_chunk(
     learner: Learner, optimizer, token_ids: torch.Tensor, start: int, end: int, config: OnlineConfig
-) -> tuple[int, float]:
-    """Score tokens [start, end) of the stream, then train on them; returns (tokens scored, NLL sum)."""
+) -> tuple[int, float, float | None]:
+    """Score tokens [start, end) of the stream, then train on them.
+
+    Returns (tokens scored, their NLL sum, the first step's training loss or None when not trained).
+    """
     device = learner.model.device
     targets = token_ids[max(start, 1) : end].unsqueeze(0).to(device)
     count = targets.shape[1]
@@ -329,7 +335,7 @@ def train_chunk(
     steps = config.steps_per_chunk if optimizer is not None else 0
     if steps == 0:
         with torch.no_grad():
-            return count, nll_sum(learner.logits(input_ids, count + 1)[:, :-1])
+            return count, nll_sum(learner.logits(input_ids, count + 1)[:, :-1]), None
     for step in range(steps):
         logits = learner.logits(input_ids, count + 1)[:, :-1]
         if step == 0:  # the score: this forward ran before any update on this chunk
@@ -338,11 +344,13 @@ def train_chunk(
             logits, targets, teacher if config.loss in NEEDS_TEACHER else None, {"mix_alpha": config.mix_alpha}
         )
         loss = LOSSES[config.loss](inputs)
+        if step == 0:
+            first_loss = loss.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         learner.after_step()
-    return count, score
+    return count, score, first_loss
 
 
 def run_online(
@@ -402,8 +410,8 @@ def run_online(
             start, end = spans[index]
             if learner.prepare(index, token_ids[start:end]) or (optimizer is None and learner.parameters()):
                 optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
-            count, nll_sum = train_chunk(learner, optimizer, token_ids, start, end, config)
-            record = ChunkRecord(index, start, end, count, nll_sum, time.perf_counter() - started)
+            count, nll_sum, loss = train_chunk(learner, optimizer, token_ids, start, end, config)
+            record = ChunkRecord(index, start, end, count, nll_sum, time.perf_counter() - started, loss)
             result.records.append(record)
             if on_chunk is not None:
                 on_chunk(record, learner)

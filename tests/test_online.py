@@ -1,0 +1,182 @@
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from locas.training.losses import LossInputs, mix, ntp, sd
+from locas.training.online import ChunkRecord, OnlineConfig, chunk_spans, run_online
+
+SMALL = dict(chunk_size=16, context_window=16, width=8, lora_rank=4)
+
+
+def stream(length=120, seed=0):
+    return torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def scores(result):
+    return [record.nll_sum for record in result.records]
+
+
+def test_chunks_cover_the_stream_and_the_first_token_is_never_scored():
+    assert chunk_spans(40, 16) == [(0, 16), (16, 32), (32, 40)]
+    result = run_online(tiny_model("llama"), stream(40), OnlineConfig(method="none", **SMALL), progress=False)
+    assert [r.targets for r in result.records] == [15, 16, 8] and result.tokens == 39
+
+
+@pytest.mark.parametrize("method", ["locas", "lora"])
+def test_score_is_taken_before_the_update_with_the_previous_state(method):
+    """Chunk k's recorded score equals a fresh evaluation with the learner as it stood after chunk k-1."""
+    tokens = stream()
+    config = OnlineConfig(method=method, lr=1e-2, **SMALL)
+    model = tiny_model("qwen3")
+    snapshots = []
+
+    def snapshot(record, learner):
+        # Logits of the next chunk's window with the state after this chunk's update.
+        start, end = record.end, min(record.end + 16, tokens.numel())
+        if start < tokens.numel():
+            with torch.no_grad():
+                logits = learner.logits(tokens[max(0, start - 16) : end].unsqueeze(0), end - start + 1)[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits[0], tokens[start:end], reduction="sum").item()
+            snapshots.append(nll)
+
+    result = run_online(model, tokens, config, progress=False, on_chunk=snapshot)
+    assert scores(result)[1:] == pytest.approx(snapshots, rel=1e-5)
+    with torch.no_grad():  # chunk 0 is scored by the untouched backbone (zero memory / fresh adapter)
+        none = run_online(model, tokens[:16], OnlineConfig(method="none", **SMALL), progress=False)
+    assert scores(result)[0] == pytest.approx(scores(none)[0], rel=1e-6)
+    assert scores(result)[1] != pytest.approx(
+        scores(run_online(model, tokens, OnlineConfig(method="none", **SMALL), progress=False))[1], rel=1e-6
+    )
+
+
+def test_a_chunks_score_depends_only_on_its_window_and_what_precedes_it():
+    tokens = stream()
+    config = OnlineConfig(method="locas", lr=1e-2, **SMALL)
+    base = scores(run_online(tiny_model("llama"), tokens, config, progress=False))
+    later_changed = tokens.clone()
+    later_changed[70:] = (later_changed[70:] + 1) % 128  # chunk 4 starts at 64
+    changed = scores(run_online(tiny_model("llama"), later_changed, config, progress=False))
+    assert changed[:4] == base[:4] and changed[4] != base[4]
+    # Without training, a token more than one window before the chunk cannot matter.
+    none = OnlineConfig(method="none", **SMALL)
+    far_changed = tokens.clone()
+    far_changed[10] = (far_changed[10] + 1) % 128
+    plain, far = (scores(run_online(tiny_model("llama"), t, none, progress=False)) for t in (tokens, far_changed))
+    assert far[3:] == plain[3:] and far[0] != plain[0]
+
+
+@pytest.mark.parametrize("method", ["locas", "lora"])
+def test_resume_after_an_interruption_ends_with_the_same_numbers(method, tmp_path):
+    tokens = stream(160)
+    config = OnlineConfig(method=method, lr=1e-2, **SMALL)
+    whole = run_online(tiny_model("gpt2"), tokens, config, progress=False)
+
+    def interrupt(record, learner):
+        if record.index == 6:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_online(
+            tiny_model("gpt2"), tokens, config, state_path=state, save_every=3, progress=False, on_chunk=interrupt
+        )
+    saved = torch.load(state, weights_only=False)
+    assert len(saved["records"]) == 6  # saved after chunks 3 and 6, interrupted in the 7th
+    resumed = run_online(tiny_model("gpt2"), tokens, config, state_path=state, save_every=3, progress=False)
+    assert scores(resumed) == scores(whole)
+    if method == "locas":
+        assert torch.equal(resumed.memory.down, whole.memory.down)
+    with pytest.raises(ValueError, match="used other settings"):
+        run_online(tiny_model("gpt2"), tokens, dataclasses.replace(config, lr=2e-2), state_path=state, progress=False)
+
+
+def test_self_distillation_with_the_same_context_and_a_zero_memory_is_exactly_zero():
+    tokens = stream()
+    config = OnlineConfig(method="locas", loss="sd", teacher_window=16, lr=1e-2, **SMALL)
+    same_context = run_online(tiny_model("gemma"), tokens, config, progress=False)
+    assert same_context.records[0].loss == 0.0  # memorized at chunk 0: zero values, same logits as the teacher
+    longer = run_online(tiny_model("gemma"), tokens, dataclasses.replace(config, teacher_window=64), progress=False)
+    assert longer.records[0].loss == 0.0  # chunk 0 has no earlier tokens: both see the same context
+    assert (
+        longer.records[2].loss > 1e-6
+    )  # far above rounding (1e-9): from chunk 2 on, the teacher sees 32 previous tokens, the student 16
+    ntp_run = run_online(tiny_model("gemma"), tokens, dataclasses.replace(config, loss="ntp"), progress=False)
+    assert ntp_run.records[0].loss == pytest.approx(ntp_run.records[0].nll_sum / 15, rel=1e-6)
+
+
+def test_losses_against_hand_computed_values():
+    student = torch.tensor([[[0.0, 1.0, 2.0]]])
+    teacher = torch.tensor([[[2.0, 1.0, 0.0]]])
+    targets = torch.tensor([[2]])
+    p_student, p_teacher = student.softmax(-1), teacher.softmax(-1)
+    expected_kl = (p_teacher * (p_teacher.log() - p_student.log())).sum()
+    inputs = LossInputs(student, targets, teacher=lambda: teacher, options={"mix_alpha": 0.25})
+    assert ntp(inputs).item() == pytest.approx(-p_student[0, 0, 2].log().item(), rel=1e-6)
+    assert sd(inputs).item() == pytest.approx(expected_kl.item(), rel=1e-6)
+    assert mix(inputs).item() == pytest.approx(0.25 * ntp(inputs).item() + 0.75 * expected_kl.item(), rel=1e-6)
+    assert sd(LossInputs(student, targets, teacher=lambda: student)).item() == 0
+    with pytest.raises(ValueError, match="needs a teacher"):
+        sd(LossInputs(student, targets))
+
+
+def test_memory_grows_by_fresh_slots_up_to_max_width():
+    widths = []
+    config = OnlineConfig(method="locas", grow_by=4, max_width=20, lr=1e-2, **SMALL)
+    result = run_online(
+        tiny_model("mistral"),
+        stream(),
+        config,
+        progress=False,
+        on_chunk=lambda record, learner: widths.append(learner.memory.width),
+    )
+    assert widths == [8, 12, 16, 20, 20, 20, 20, 20]
+    assert result.trainable_parameters == 3 * 2 * 20 * 32
+
+
+def test_memory_learns_text_it_cannot_see_in_its_window():
+    pattern = stream(48, seed=3)
+    tokens = pattern.repeat(6)  # each repeat lies beyond the 16-token window: only the memory can recall it
+    none = run_online(tiny_model("llama"), tokens, OnlineConfig(method="none", **SMALL), progress=False)
+    locas = run_online(
+        tiny_model("llama"),
+        tokens,
+        OnlineConfig(method="locas", lr=5e-2, steps_per_chunk=3, **{**SMALL, "width": 16}),
+        progress=False,
+    )
+    assert locas.nll < none.nll - 0.05
+
+
+@pytest.mark.parametrize("method", ["locas", "lora"])
+def test_the_backbone_is_given_back_unchanged(method, tokens):
+    model = tiny_model("qwen2")
+    with torch.no_grad():
+        before = model(tokens).logits
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    run_online(model, stream(), OnlineConfig(method=method, lr=1e-2, **SMALL), progress=False)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
+
+
+def test_method_defaults_and_refusals():
+    assert OnlineConfig(method="locas").resolved().lr == 4e-3
+    assert OnlineConfig(method="locas").resolved().steps_per_chunk == 1
+    lora = OnlineConfig(method="lora").resolved()
+    assert (lora.lr, lora.steps_per_chunk, lora.lora_rank, lora.lora_alpha) == (5e-5, 2, 64, 64.0)
+    assert OnlineConfig(method="long", context_window=32, long_factor=4).window == 128
+    with pytest.raises(ValueError, match="unknown method 'big'"):
+        OnlineConfig(method="big").resolved()
+    with pytest.raises(ValueError, match="chunk_size 64 is larger than context_window 32"):
+        OnlineConfig(chunk_size=64, context_window=32).resolved()
+    with pytest.raises(ValueError, match="unknown loss"):
+        OnlineConfig(loss="kl").resolved()
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        run_online(tiny_model("llama"), stream(10), OnlineConfig(**SMALL), progress=False)
+
+
+def test_records_round_trip_as_plain_data():
+    record = ChunkRecord(index=0, start=0, end=16, targets=15, nll_sum=3.0, seconds=0.1)
+    assert ChunkRecord(**dataclasses.asdict(record)) == record
