@@ -180,3 +180,19 @@ def test_method_defaults_and_refusals():
 def test_records_round_trip_as_plain_data():
     record = ChunkRecord(index=0, start=0, end=16, targets=15, nll_sum=3.0, seconds=0.1)
     assert ChunkRecord(**dataclasses.asdict(record)) == record
+
+
+@pytest.mark.parametrize("method", ["locas", "lora"])
+def test_a_finished_run_can_be_put_back_on_the_backbone(method, tokens):
+    from locas.training.online import trained
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        bare = model(tokens).logits
+    result = run_online(model, stream(), OnlineConfig(method=method, lr=5e-2, **SMALL), progress=False)
+    with trained(model, result) as learner, torch.no_grad():
+        adapted = learner.logits(tokens, tokens.shape[1])
+        generated = learner.generate(input_ids=tokens[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert not torch.allclose(adapted, bare) and generated.shape == (1, 7)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, bare)  # given back after the block

@@ -111,6 +111,7 @@ class OnlineResult:
     records: list[ChunkRecord] = field(default_factory=list)
     trainable_parameters: int = 0
     memory: Memory | None = None
+    final_state: dict = field(default_factory=dict)  # the learner's state_dict() at the end (see `trained`)
 
     @property
     def tokens(self) -> int:
@@ -148,6 +149,10 @@ class Learner:
 
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        """`generate` with the memory or adapter active."""
+        return self.model.generate(**kwargs)
 
     def teacher_mode(self):
         """The frozen base model (no memory, no adapter) for the duration of the block."""
@@ -246,6 +251,9 @@ class LoraLearner(Learner):
     def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         return self.peft_model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
 
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.peft_model.generate(**kwargs)
+
     def teacher_mode(self):
         return self.peft_model.disable_adapter()
 
@@ -297,6 +305,14 @@ def _learner(model: PreTrainedModel, config: OnlineConfig) -> Iterator[Learner]:
         yield learner
     finally:
         learner.close()
+
+
+@contextmanager
+def trained(model: PreTrainedModel, result: OnlineResult) -> Iterator[Learner]:
+    """The backbone with a finished run's memory or adapter on, for the block (e.g. to answer questions)."""
+    with _learner(model, result.config) as learner:
+        learner.load_state_dict(result.final_state)
+        yield learner
 
 
 def _save_atomically(state: dict, path: Path) -> None:
@@ -421,6 +437,7 @@ def run_online(
                 save()
         bar.close()
         result.trainable_parameters = sum(p.numel() for p in learner.parameters())
+        result.final_state = learner.state_dict()
         if isinstance(learner, MemoryLearner) and learner.memory is not None:
             result.memory = learner.memory
     return result
