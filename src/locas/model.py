@@ -159,7 +159,7 @@ class LocasModel(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self._hooks) or len(self.family.mlps(self.model))
+        return len(self.family.layers(self.model))
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
