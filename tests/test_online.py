@@ -196,3 +196,28 @@ def test_a_finished_run_can_be_put_back_on_the_backbone(method, tokens):
     assert not torch.allclose(adapted, bare) and generated.shape == (1, 7)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, bare)  # given back after the block
+
+
+def test_options_a_method_does_not_use_do_not_tell_runs_apart():
+    assert OnlineConfig(method="none", lr=0.5, width=3).resolved() == OnlineConfig(method="none").resolved()
+    assert OnlineConfig(method="lora", width=3).resolved() == OnlineConfig(method="lora").resolved()
+    assert OnlineConfig(method="locas", lora_rank=3).resolved() == OnlineConfig(method="locas").resolved()
+    assert OnlineConfig(method="locas", width=3).resolved() != OnlineConfig(method="locas").resolved()
+    with pytest.raises(ValueError, match="chunk_size must be at least 2"):
+        OnlineConfig(chunk_size=1).resolved()
+
+
+def test_resume_refuses_a_state_saved_over_another_text(tmp_path):
+    config = OnlineConfig(method="none", **SMALL)
+    run_online(tiny_model("llama"), stream(), config, state_path=tmp_path / "s.pt", progress=False)
+    with pytest.raises(ValueError, match="read another text"):
+        run_online(tiny_model("llama"), stream(seed=9), config, state_path=tmp_path / "s.pt", progress=False)
+
+
+def test_lora_seeding_leaves_the_callers_random_state_alone():
+    model = tiny_model("llama")  # (seeds the global generator itself)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_online(model, stream(40), OnlineConfig(method="lora", **SMALL), progress=False)
+    assert torch.equal(torch.rand(3), expected)

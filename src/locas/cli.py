@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
@@ -52,6 +53,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def device_name(text: str) -> str:
     try:
         device = torch.device(text)
@@ -62,11 +70,12 @@ def device_name(text: str) -> str:
     return text
 
 
-def _load(args):
+def _load(args, device: str | None = None):
+    """The model and tokenizer of --model, --dtype, on `device` (default: --device)."""
     from locas.default_model import load_model
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return load_model(args.model, dtype=dtype, device=args.device)
+    return load_model(args.model, dtype=dtype, device=device or args.device)
 
 
 def _read_memory(path: str) -> Memory:
@@ -254,6 +263,30 @@ def command_export(args) -> None:
     )
 
 
+def command_eval_pg19(args) -> None:
+    from locas.evaluation import pg19
+    from locas.evaluation.distributed import process_group
+    from locas.training.online import OnlineConfig
+
+    out = Path(args.out)
+    _check_output_path(out, ".json")
+    trainer_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
+    methods = pg19.method_configs(args.methods, OnlineConfig(**trainer_options))
+    if args.max_tokens is not None and args.max_tokens < args.chunk_size:
+        raise CommandError(f"--max-tokens {args.max_tokens} is less than one chunk (--chunk-size {args.chunk_size})")
+    pg19.check_book_files(args.books)
+    settings = {"model": args.model or "default", "dtype": args.dtype, "max_tokens": args.max_tokens}
+    with process_group(args.device) as (ranks, device):
+        model, tokenizer = _load(args, device)
+        books = [pg19.read_book(path, tokenizer, args.max_tokens, args.chunk_size) for path in args.books]
+        results = pg19.evaluate(
+            model, tokenizer, books, methods, out, settings, save_every=args.save_every, ranks=ranks
+        )
+    if results is not None:
+        print(pg19.format_table(results))
+        print(f"wrote {out} and {pg19.plot_path(out)}")
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -306,7 +339,71 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="new folder for the checkpoint and tokenizer")
     export.add_argument("--index", type=int, default=None, help="which memory of a batched memory file to merge")
     export.set_defaults(run=command_export)
+
+    evaluate = commands.add_parser("eval", help="benchmarks: online score-first evaluation of the methods")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _add_eval_pg19(benchmarks, model_options)
     return parser
+
+
+PG19_DESCRIPTION = """\
+PG-19 whole-book language modelling, online and score-first: each method streams each book in chunks,
+scores every chunk before training on it, and never scores it again. Writes per-book and aggregate
+perplexities (at 50K..200K tokens and every 10%), bits per byte, TempLoRA's perplexity convention, time,
+parameters and peak memory to --out (.json), and a plot of perplexity against tokens read beside it (.png).
+
+State is saved in OUT.state/ beside --out: a run started again with the same command resumes each unfinished
+(book, method) pair and skips finished ones. Under `torchrun --nproc_per_node N -m locas eval pg19 ...` the
+books are shared among the processes (book i -> rank i % N) and rank 0 writes the results."""
+
+
+def _add_eval_pg19(benchmarks, model_options: argparse.ArgumentParser) -> None:
+    from locas.memorize import MEMORY_INITS
+    from locas.training.losses import LOSSES
+
+    pg19 = benchmarks.add_parser(
+        "pg19",
+        parents=[model_options],
+        help="PG-19 whole-book perplexity",
+        description=PG19_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pg19.add_argument("books", nargs="+", metavar="BOOK", help="UTF-8 text files; a book's name is its file stem")
+    pg19.add_argument(
+        "--method",
+        dest="methods",
+        action="append",
+        required=True,
+        metavar="METHOD",
+        help="repeat for several: none (the backbone, same window), long (the backbone, --long-factor x window), "
+        "lora (TempLoRA), locas, or locas:INIT for a memory with that --init (e.g. --method locas:highest "
+        "--method locas:random_index); the name labels the method in the results",
+    )
+    pg19.add_argument("--out", required=True, help="results file (.json) in an existing folder")
+    pg19.add_argument("--max-tokens", type=at_least_two, default=None, help="read the first N tokens (default: all)")
+    pg19.add_argument("--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time")
+    pg19.add_argument("--context-window", type=non_negative_int, default=2048, help="previous tokens seen (>= chunk)")
+    pg19.add_argument("--long-factor", type=positive_int, default=4, help="window multiple of the long method")
+    pg19.add_argument("--width", type=positive_int, default=64, help="locas: memory slots per layer")
+    pg19.add_argument("--init", dest="memory_init", default="highest", choices=MEMORY_INITS, help="locas: init")
+    pg19.add_argument("--memorize-at", type=non_negative_int, default=0, help="locas: chunk memorized from")
+    pg19.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")
+    pg19.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
+    pg19.add_argument("--lr", type=positive_float, default=None, help="default: locas 4e-3, lora 5e-5")
+    pg19.add_argument("--steps-per-chunk", type=non_negative_int, default=None, help="default: locas 1, lora 2")
+    pg19.add_argument("--loss", default="ntp", choices=list(LOSSES), help="ntp, sd (self-distillation) or mix")
+    pg19.add_argument("--teacher-window", type=positive_int, default=None, help="sd/mix: default 4 x window")
+    pg19.add_argument("--mix-alpha", type=fraction, default=0.5, help="mix: weight of the NTP loss")
+    pg19.add_argument("--lora-rank", type=positive_int, default=64, help="lora: adapter rank")
+    pg19.add_argument("--lora-alpha", type=positive_float, default=64.0, help="lora: adapter scale")
+    pg19.add_argument("--save-every", type=positive_int, default=8, help="save the state every N chunks")
+    pg19.add_argument("--seed", type=int, default=0, help="locas random inits, lora adapter init")
+    pg19.set_defaults(
+        run=command_eval_pg19,
+        command="eval pg19",
+        interrupted="the state so far is in OUT.state/ (saved every --save-every chunks); "
+        "run the same command to resume",
+    )
 
 
 @contextmanager
@@ -335,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locas {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"locas {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(
+            f"locas {args.command}: interrupted; {getattr(args, 'interrupted', 'nothing was written')}", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     return 0
 

@@ -13,6 +13,7 @@ and `long` (the backbone with a `long_factor`x longer window).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -32,6 +33,14 @@ from locas.model import LocasModel
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
 
 METHODS = ("locas", "lora", "none", "long")
+_SHARED = {"method", "chunk_size", "context_window", "seed"}
+_TRAINING = {"lr", "steps_per_chunk", "weight_decay", "loss", "teacher_window", "mix_alpha"}
+METHOD_OPTIONS = {
+    "none": _SHARED,
+    "long": _SHARED | {"long_factor"},
+    "locas": _SHARED | _TRAINING | {"width", "memory_init", "memorize_at", "grow_by", "max_width"},
+    "lora": _SHARED | _TRAINING | {"lora_rank", "lora_alpha"},
+}
 METHOD_DEFAULTS = {"locas": {"lr": 4e-3, "steps_per_chunk": 1}, "lora": {"lr": 5e-5, "steps_per_chunk": 2}}
 
 
@@ -66,9 +75,11 @@ class OnlineConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.memory_init not in MEMORY_INITS:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
-        for name in ("chunk_size", "width", "long_factor", "lora_rank"):
+        for name in ("width", "long_factor", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.chunk_size < 2:
+            raise ValueError(f"chunk_size must be at least 2 tokens, got {self.chunk_size}")
         if self.context_window < 0:
             raise ValueError(f"context_window must be >= 0, got {self.context_window}")
         if self.chunk_size > self.context_window:
@@ -86,7 +97,13 @@ class OnlineConfig:
         if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
             raise ValueError(f"grow_by must be >= 0 and max_width >= width; got {self.grow_by}, {self.max_width}")
         teacher_window = 4 * self.context_window if self.teacher_window is None else self.teacher_window
-        return dataclasses.replace(self, lr=lr, steps_per_chunk=steps, teacher_window=teacher_window)
+        resolved = dataclasses.replace(self, lr=lr, steps_per_chunk=steps, teacher_window=teacher_window)
+        # Options a method does not use go back to their defaults, so that they never tell two runs apart.
+        defaults = OnlineConfig(method=self.method, lr=0.0, steps_per_chunk=0)
+        used = METHOD_OPTIONS[self.method]
+        return dataclasses.replace(
+            resolved, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self) if f.name not in used}
+        )
 
     @property
     def window(self) -> int:
@@ -235,7 +252,6 @@ class LoraLearner(Learner):
 
         super().__init__(model, config)
         family = family_of(model)
-        torch.manual_seed(config.seed)  # the adapter's A matrices are random
         lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
@@ -243,7 +259,9 @@ class LoraLearner(Learner):
             target_modules=list(family.lora_targets),
             fan_in_fan_out=family.lora_fan_in_fan_out,
         )
-        self.peft_model = get_peft_model(model, lora_config)
+        with torch.random.fork_rng(devices=[]):  # the adapter's A matrices are random: seed them, not the caller
+            torch.manual_seed(config.seed)
+            self.peft_model = get_peft_model(model, lora_config)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -391,6 +409,7 @@ def run_online(
     spans = chunk_spans(token_ids.numel(), config.chunk_size)
     if token_ids.numel() < config.chunk_size:
         raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one chunk ({config.chunk_size})")
+    text_fingerprint = hashlib.sha256(token_ids.cpu().numpy().tobytes()).hexdigest()
     result = OnlineResult(config=config)
     state_path = None if state_path is None else Path(state_path)
 
@@ -402,6 +421,8 @@ def run_online(
                 raise ValueError(
                     f"the saved run in {state_path} used other settings; delete it or choose another output"
                 )
+            if state["text"] != text_fingerprint:
+                raise ValueError(f"the saved run in {state_path} read another text; delete it or choose another output")
             result.records = [ChunkRecord(**r) for r in state["records"]]
             learner.load_state_dict(state["learner"])
             if state["optimizer"] is not None:
@@ -413,6 +434,7 @@ def run_online(
                 _save_atomically(
                     {
                         "config": dataclasses.asdict(config),
+                        "text": text_fingerprint,
                         "records": [dataclasses.asdict(r) for r in result.records],
                         "learner": learner.state_dict(),
                         "optimizer": None if optimizer is None else optimizer.state_dict(),
@@ -420,22 +442,23 @@ def run_online(
                     state_path,
                 )
 
-        bar = tqdm(total=len(spans), initial=len(result.records), desc=description, unit="chunk", disable=not progress)
-        for index in range(len(result.records), len(spans)):
-            started = time.perf_counter()
-            start, end = spans[index]
-            if learner.prepare(index, token_ids[start:end]) or (optimizer is None and learner.parameters()):
-                optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
-            count, nll_sum, loss = train_chunk(learner, optimizer, token_ids, start, end, config)
-            record = ChunkRecord(index, start, end, count, nll_sum, time.perf_counter() - started, loss)
-            result.records.append(record)
-            if on_chunk is not None:
-                on_chunk(record, learner)
-            bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(result.nll):.3f}")
-            if (index + 1) % save_every == 0 or index + 1 == len(spans):
-                save()
-        bar.close()
+        with tqdm(
+            total=len(spans), initial=len(result.records), desc=description, unit="chunk", disable=not progress
+        ) as bar:
+            for index in range(len(result.records), len(spans)):
+                started = time.perf_counter()
+                start, end = spans[index]
+                if learner.prepare(index, token_ids[start:end]) or (optimizer is None and learner.parameters()):
+                    optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
+                count, nll_sum, loss = train_chunk(learner, optimizer, token_ids, start, end, config)
+                record = ChunkRecord(index, start, end, count, nll_sum, time.perf_counter() - started, loss)
+                result.records.append(record)
+                if on_chunk is not None:
+                    on_chunk(record, learner)
+                bar.update(1)
+                bar.set_postfix(ppl=f"{math.exp(result.nll):.3f}")
+                if (index + 1) % save_every == 0 or index + 1 == len(spans):
+                    save()
         result.trainable_parameters = sum(p.numel() for p in learner.parameters())
         result.final_state = learner.state_dict()
         if isinstance(learner, MemoryLearner) and learner.memory is not None:
