@@ -19,11 +19,19 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT_VERSION = 1
 SLOT_TENSORS = ("up", "gate", "down")
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (batch, seq, in) times each sequence's weight (batch or 1, out, in) transposed."""
+    if weight.shape[0] == 1:  # one memory for every sequence: a plain linear is much faster than a broadcast bmm
+        return F.linear(x, weight[0])
+    return x @ weight.transpose(-1, -2)
 
 
 class Memory(nn.Module):
@@ -91,14 +99,13 @@ class Memory(nn.Module):
                 "use a memory of batch 1 or one memory per sequence"
             )
         dtype = x.dtype
-        up = self.up[layer].to(dtype)  # (batch, width, hidden), broadcasts over x's batch when 1
-        hidden = x @ up.transpose(-1, -2)
+        hidden = _project(x, self.up[layer].to(dtype))
         if self.gate is not None:
-            hidden = activation(x @ self.gate[layer].to(dtype).transpose(-1, -2)) * hidden
+            hidden = activation(_project(x, self.gate[layer].to(dtype))) * hidden
         else:
             hidden = activation(hidden)
-        values = self.down[layer] * self.tau[layer].unsqueeze(-1)
-        return hidden @ values.to(dtype)
+        values = self.down[layer] * self.tau[layer].unsqueeze(-1)  # (batch, width, hidden)
+        return _project(hidden, values.transpose(-1, -2).to(dtype))
 
     @torch.no_grad()
     def clip_(self, max_norm: float = 1.0) -> Memory:
