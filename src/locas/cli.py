@@ -8,6 +8,7 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from locas.evaluation.locomo import Conversation
     from locas.memory import Memory
+    from locas.training.online import OnlineConfig
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -58,6 +61,28 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def category(text: str) -> int:
+    value = int(text)
+    if value not in range(1, 6):
+        raise argparse.ArgumentTypeError(f"LoCoMo categories are 1-5, got {value}")
+    return value
+
+
+def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
+    """An argparse type: one or more comma-separated values, each read by `item`."""
+
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            if not all(parts):
+                raise ValueError
+            return [item(part) for part in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated values, e.g. 0,3; got {text!r}") from None
+
+    return parse
 
 
 def device_name(text: str) -> str:
@@ -263,15 +288,22 @@ def command_export(args) -> None:
     )
 
 
+def _online_config(args) -> OnlineConfig:
+    """The trainer's settings from the options named after `OnlineConfig`'s fields (see `_trainer_options`)."""
+    from locas.training.online import OnlineConfig
+
+    return OnlineConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
+    )
+
+
 def command_eval_pg19(args) -> None:
     from locas.evaluation import pg19
     from locas.evaluation.distributed import process_group
-    from locas.training.online import OnlineConfig
 
     out = Path(args.out)
     _check_output_path(out, ".json")
-    trainer_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
-    methods = pg19.method_configs(args.methods, OnlineConfig(**trainer_options))
+    methods = pg19.method_configs(args.methods, _online_config(args))
     if args.max_tokens is not None and args.max_tokens < args.chunk_size:
         raise CommandError(f"--max-tokens {args.max_tokens} is less than one chunk (--chunk-size {args.chunk_size})")
     pg19.check_book_files(args.books)
@@ -285,6 +317,68 @@ def command_eval_pg19(args) -> None:
     if results is not None:
         print(pg19.format_table(results))
         print(f"wrote {out} and {pg19.plot_path(out)}")
+
+
+def _select_conversations(
+    conversations: list[Conversation], selectors: list[str] | None, path: str
+) -> list[Conversation]:
+    """The conversations named by 0-based indices or sample ids (all for None), in the given order."""
+    if selectors is None:
+        return conversations
+    by_id = {c.sample_id: c for c in conversations}
+    chosen = {}
+    for selector in selectors:
+        if selector.isdigit() and int(selector) < len(conversations):
+            conversation = conversations[int(selector)]
+        elif selector in by_id:
+            conversation = by_id[selector]
+        else:
+            raise CommandError(
+                f"--conversations {selector!r}: {path} has {len(conversations)} conversations, "
+                f"indices 0-{len(conversations) - 1} or sample ids {', '.join(by_id)}"
+            )
+        if conversation.sample_id in chosen:
+            raise CommandError(f"--conversations: conversation {conversation.sample_id} is given twice")
+        chosen[conversation.sample_id] = conversation
+    return list(chosen.values())
+
+
+def command_eval_locomo(args) -> None:
+    from locas.evaluation import locomo
+    from locas.evaluation.distributed import process_group
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a file; name a folder (created if missing)")
+    _check_output_path(out)
+    locomo.parse_conditions(args.methods)  # refuses unknown and repeated names
+    names = locomo.with_context(args.methods) if args.with_context else args.methods
+    training = _online_config(args)
+    locomo.training_configs(locomo.parse_conditions(names), training)  # refuses bad trainer settings now
+    conversations = _select_conversations(locomo.load_locomo(args.file), args.conversations, args.file)
+    settings = locomo.QASettings(
+        prompt_window=args.prompt_window,
+        max_new_tokens=args.max_new_tokens,
+        abstain_hint=args.abstain_hint,
+        max_questions=args.max_questions,
+        categories=None if args.categories is None else tuple(args.categories),
+    )
+    if not any(settings.questions(conversation) for conversation in conversations):
+        raise CommandError("--categories selects no question of the chosen conversations")
+    run_info = {
+        "data": args.file,
+        "context_mode": args.context_mode,
+        "model": args.model or "default",
+        "dtype": args.dtype,
+    }
+    with process_group(args.device) as (ranks, device):
+        model, tokenizer = _load(args, device)
+        results = locomo.evaluate_locomo(
+            model, tokenizer, conversations, names, training, settings, output_dir=out, run_info=run_info, ranks=ranks
+        )
+    if results is not None:
+        print(locomo.format_table(results))
+        print(f"wrote {out / 'results.json'} and {out / 'locomo.png'}")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -342,7 +436,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="benchmarks: online score-first evaluation of the methods")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    _add_eval_pg19(benchmarks, model_options)
+    trainer_options = _trainer_options()
+    _add_eval_pg19(benchmarks, [model_options, trainer_options])
+    _add_eval_locomo(benchmarks, [model_options, trainer_options])
+    return parser
+
+
+def _trainer_options() -> argparse.ArgumentParser:
+    """The online trainer's options, named after `OnlineConfig`'s fields, shared by the benchmarks."""
+    from locas.memorize import MEMORY_INITS
+    from locas.training.losses import LOSSES
+
+    parser = argparse.ArgumentParser(add_help=False)
+    options = parser.add_argument_group("online training (each method's memory or adapter)")
+    options.add_argument(
+        "--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time"
+    )
+    options.add_argument(
+        "--context-window", type=non_negative_int, default=2048, help="previous tokens seen (>= chunk)"
+    )
+    options.add_argument("--width", type=positive_int, default=64, help="locas: memory slots per layer")
+    options.add_argument("--init", dest="memory_init", default="highest", choices=MEMORY_INITS, help="locas: init")
+    options.add_argument("--memorize-at", type=non_negative_int, default=0, help="locas: chunk memorized from")
+    options.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")
+    options.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
+    options.add_argument("--lr", type=positive_float, default=None, help="default: locas 4e-3, lora 5e-5")
+    options.add_argument("--steps-per-chunk", type=non_negative_int, default=None, help="default: locas 1, lora 2")
+    options.add_argument(
+        "--loss", "--ttt-loss", default="ntp", choices=list(LOSSES), help="ntp, sd (self-distillation) or mix"
+    )
+    options.add_argument("--teacher-window", type=positive_int, default=None, help="sd/mix: default 4 x window")
+    options.add_argument("--mix-alpha", type=fraction, default=0.5, help="mix: weight of the NTP loss")
+    options.add_argument("--lora-rank", type=positive_int, default=64, help="lora: adapter rank")
+    options.add_argument("--lora-alpha", type=positive_float, default=64.0, help="lora: adapter scale")
+    options.add_argument("--seed", type=int, default=0, help="locas random inits, lora adapter init")
     return parser
 
 
@@ -357,13 +484,10 @@ State is saved in OUT.state/ beside --out: a run started again with the same com
 books are shared among the processes (book i -> rank i % N) and rank 0 writes the results."""
 
 
-def _add_eval_pg19(benchmarks, model_options: argparse.ArgumentParser) -> None:
-    from locas.memorize import MEMORY_INITS
-    from locas.training.losses import LOSSES
-
+def _add_eval_pg19(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
     pg19 = benchmarks.add_parser(
         "pg19",
-        parents=[model_options],
+        parents=parents,
         help="PG-19 whole-book perplexity",
         description=PG19_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -381,28 +505,76 @@ def _add_eval_pg19(benchmarks, model_options: argparse.ArgumentParser) -> None:
     )
     pg19.add_argument("--out", required=True, help="results file (.json) in an existing folder")
     pg19.add_argument("--max-tokens", type=at_least_two, default=None, help="read the first N tokens (default: all)")
-    pg19.add_argument("--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time")
-    pg19.add_argument("--context-window", type=non_negative_int, default=2048, help="previous tokens seen (>= chunk)")
     pg19.add_argument("--long-factor", type=positive_int, default=4, help="window multiple of the long method")
-    pg19.add_argument("--width", type=positive_int, default=64, help="locas: memory slots per layer")
-    pg19.add_argument("--init", dest="memory_init", default="highest", choices=MEMORY_INITS, help="locas: init")
-    pg19.add_argument("--memorize-at", type=non_negative_int, default=0, help="locas: chunk memorized from")
-    pg19.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")
-    pg19.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
-    pg19.add_argument("--lr", type=positive_float, default=None, help="default: locas 4e-3, lora 5e-5")
-    pg19.add_argument("--steps-per-chunk", type=non_negative_int, default=None, help="default: locas 1, lora 2")
-    pg19.add_argument("--loss", default="ntp", choices=list(LOSSES), help="ntp, sd (self-distillation) or mix")
-    pg19.add_argument("--teacher-window", type=positive_int, default=None, help="sd/mix: default 4 x window")
-    pg19.add_argument("--mix-alpha", type=fraction, default=0.5, help="mix: weight of the NTP loss")
-    pg19.add_argument("--lora-rank", type=positive_int, default=64, help="lora: adapter rank")
-    pg19.add_argument("--lora-alpha", type=positive_float, default=64.0, help="lora: adapter scale")
     pg19.add_argument("--save-every", type=positive_int, default=8, help="save the state every N chunks")
-    pg19.add_argument("--seed", type=int, default=0, help="locas random inits, lora adapter init")
     pg19.set_defaults(
         run=command_eval_pg19,
         command="eval pg19",
         interrupted="the state so far is in OUT.state/ (saved every --save-every chunks); "
         "run the same command to resume",
+    )
+
+
+LOCOMO_DESCRIPTION = """\
+LoCoMo long-dialogue QA (method.md, section 5): each conversation is rendered session by session in date
+order (--context-mode date_split) and its questions are answered greedily under each --method condition:
+
+  none        the question alone (the "No Cxt" floor)       full        the dialogue in the prompt
+  locas       a Locas memory trained on the dialogue         locas+full  the memory and the dialogue
+  lora        a TempLoRA adapter trained on the dialogue     lora+full   the adapter and the dialogue
+
+--with-context adds each given condition's with-dialogue twin (none -> full, locas -> locas+full,
+lora -> lora+full: the paper's "Full Attn + Locas" rows). A dialogue in the prompt is cut from the left
+to fit --prompt-window. Each memory (adapter) is trained online, score-first, over the dialogue's tokens,
+once per conversation, and kept in OUT/memories/ (OUT/adapters/): a later run with the same settings
+reuses it. Scores are the official token F1 per category (category 5 both as the paper's -F1 and by the
+official 'not mentioned' rule); OUT/results.json holds them with every prediction, OUT/locomo.png charts
+them. Under `torchrun --nproc_per_node N -m locas eval locomo ...` conversation i goes to rank i % N and
+rank 0 writes the results."""
+
+
+def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
+    from locas.evaluation.locomo import CONDITIONS
+
+    locomo = benchmarks.add_parser(
+        "locomo",
+        parents=parents,
+        help="LoCoMo long-dialogue question answering",
+        description=LOCOMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    locomo.add_argument("file", metavar="FILE", help="the LoCoMo data, locomo10.json")
+    locomo.add_argument(
+        "--method",
+        dest="methods",
+        action="append",
+        required=True,
+        metavar="CONDITION",
+        help=f"repeat for several: {', '.join(CONDITIONS)}",
+    )
+    locomo.add_argument(
+        "--with-context", action="store_true", help="also run each condition with the dialogue in the prompt"
+    )
+    locomo.add_argument("--out", required=True, help="output folder (created in an existing folder)")
+    locomo.add_argument(
+        "--conversations",
+        type=comma_list(str),
+        default=None,
+        help="e.g. 0,3 (0-based indices into the file) or conv-26,conv-30 (default: all)",
+    )
+    locomo.add_argument("--categories", type=comma_list(category), default=None, help="e.g. 1,2 (default: all)")
+    locomo.add_argument("--max-questions", type=positive_int, default=None, help="the first N per conversation")
+    locomo.add_argument("--context-mode", default="date_split", choices=["date_split"], help="dialogue rendering")
+    locomo.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit")
+    locomo.add_argument(
+        "--prompt-window", type=positive_int, default=None, help="tokens of prompt + answer (default: the model's)"
+    )
+    locomo.add_argument("--abstain-hint", action="store_true", help="tell every question how to answer 'not mentioned'")
+    locomo.set_defaults(
+        run=command_eval_locomo,
+        command="eval locomo",
+        interrupted="memories and adapters trained so far are kept in OUT/memories and OUT/adapters; "
+        "run the same command to reuse them",
     )
 
 

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
 from locas.model import LocasModel
@@ -53,6 +54,7 @@ OFFICIAL_COUNTS = {1: 282, 2: 321, 3: 96, 4: 841, 5: 446}
 OFFICIAL_CONVERSATIONS = 10
 REPORT_ORDER = (4, 1, 3, 2, 5)  # the Locas paper's table: single-hop, multi-hop, open-domain, temporal, adversarial
 CONDITIONS = ("none", "full", "locas", "locas+full", "lora", "lora+full")
+WITH_CONTEXT = {"none": "full", "locas": "locas+full", "lora": "lora+full"}  # the same, dialogue in the prompt
 ABSTENTION_PHRASES = ("no information available", "not mentioned")  # the official category-5 rule
 
 INSTRUCTION = (
@@ -292,6 +294,19 @@ def parse_conditions(names: Sequence[str]) -> list[Condition]:
             Condition(name, "none" if method == "full" else method, method == "full" or context == "full")
         )
     return conditions
+
+
+def with_context(names: Sequence[str]) -> list[str]:
+    """`names`, each followed by its condition with the dialogue in the prompt (`WITH_CONTEXT`), each once:
+    ["none", "locas"] -> ["none", "full", "locas", "locas+full"]."""
+    return list(dict.fromkeys(n for name in names for n in (name, WITH_CONTEXT.get(name, name))))
+
+
+def training_configs(conditions: Sequence[Condition], training: OnlineConfig) -> dict[str, OnlineConfig]:
+    """The resolved training config of each method the conditions train (as for a dialogue of at least one
+    chunk); ValueError for a setting the trainer refuses (e.g. a chunk larger than the context window)."""
+    methods = dict.fromkeys(c.method for c in conditions if c.method != "none")
+    return {method: dataclasses.replace(training, method=method).resolved() for method in methods}
 
 
 @dataclass
@@ -547,7 +562,13 @@ def evaluate_conversation(
             store = None if output_dir is None else learned_path(output_dir, conversation.sample_id, method)
             started = time.perf_counter()
             learned[method] = learn_dialogue(
-                model, dialogue_ids, method, training, store=store, progress=progress, description=method
+                model,
+                dialogue_ids,
+                method,
+                training,
+                store=store,
+                progress=progress,
+                description=f"{conversation.sample_id} {method}",
             )
             info["training"][method] = {
                 **learned[method].stats,
@@ -643,6 +664,40 @@ def plot_scores(summary: dict[str, dict[str, float]], path: str | Path, title: s
     return path
 
 
+def format_table(results: dict) -> str:
+    """The tables printed after an evaluation: F1 x 100 per category and overall for each condition, then
+    for each conversation and condition, then each conversation's timings."""
+    columns = (*(CATEGORIES[c] for c in REPORT_ORDER), "adversarial_official", "overall", "overall_official")
+    short = {"adversarial": "adv -F1", "adversarial_official": "adv official", "overall_official": "overall off."}
+    header = "".join(f" {short.get(key, key):>12}" for key in columns) + f" {'questions':>9}"
+
+    def row(label: str, scores: dict[str, float]) -> str:
+        cells = "".join(f" {100 * scores[key]:>12.1f}" if key in scores else f" {'-':>12}" for key in columns)
+        return f"{label:<22}{cells} {scores['questions']:>9}"
+
+    lines = [f"{'condition':<22}{header}", *(row(name, scores) for name, scores in results["scores"].items())]
+    lines += ["", f"{'conversation':<22}{header}"]
+    for sample_id, summary in results["per_conversation"].items():
+        lines += [row(f"{sample_id} {name}", scores) for name, scores in summary.items()]
+    lines.append("")
+    for sample_id, info in results["conversations"].items():
+        trained = ", ".join(
+            f"{method} {stats['seconds']:.1f}s" + (" (loaded)" if stats.get("loaded") else "")
+            for method, stats in info["training"].items()
+        )
+        answered = ", ".join(f"{name} {c['answer_seconds']:.1f}s" for name, c in info["conditions"].items())
+        lines.append(
+            f"{sample_id}: {info['dialogue_tokens']} dialogue tokens, {info['questions']} questions; "
+            f"trained {trained or '-'}; answered {answered}"
+        )
+    lines.append(
+        f"total {results['seconds']:.1f}s. F1 x 100 (official token F1); adv -F1: minus F1 against the adversarial "
+        "answer (the Locas paper's, 0 is best); adv official: share answered 'not mentioned'; overall: categories "
+        "1-4; overall off.: all five, official rules"
+    )
+    return "\n".join(lines)
+
+
 def evaluate_locomo(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -653,12 +708,16 @@ def evaluate_locomo(
     *,
     output_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict:
+    run_info: dict | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> dict | None:
     """Answer every conversation's questions under every condition and score them.
 
     `training` holds the memory's (and LoRA's) online-training settings; its `method` is set per
     condition and `lr`/`steps_per_chunk` left None take each method's default. With `output_dir`, writes
-    `results.json`, `locomo.png` and the trained memories there (reused by a later run).
+    `results.json`, `locomo.png` and the trained memories there (reused by a later run). `run_info`
+    (e.g. the model's name) goes into the results' settings. Under several processes, conversation i is
+    evaluated by rank i % N (`ranks`); rank 0 gathers, writes and returns the results, the others None.
 
     Returns {"conditions", "settings", "scores" (see `summarize`), "per_conversation" (scores of each),
     "conversations" (tokens, training statistics and timings of each), "seconds", "predictions"}.
@@ -666,28 +725,30 @@ def evaluate_locomo(
     parsed = parse_conditions(conditions)
     training = OnlineConfig() if training is None else training
     settings = QASettings() if settings is None else settings
+    methods = training_configs(parsed, training)
     started = time.perf_counter()
-    records, per_conversation, infos = [], {}, {}
-    for conversation in conversations:
+    evaluated = []
+    for conversation in ranks.share(conversations):
         result = evaluate_conversation(
             model, tokenizer, conversation, parsed, training, settings, output_dir=output_dir, progress=progress
         )
-        records += result["records"]
-        per_conversation[conversation.sample_id] = summarize(result["records"])
-        infos[conversation.sample_id] = result["info"]
+        evaluated.append((conversation.sample_id, result))
+    by_id = dict(ranks.gather(evaluated))
+    if not ranks.is_main:
+        return None
+    records = [record for c in conversations for record in by_id[c.sample_id]["records"]]
     results = {
         "conditions": [c.name for c in parsed],
         "settings": {
+            **(run_info or {}),
+            "device": str(model.device),
+            "world_size": ranks.world_size,
             "qa": dataclasses.asdict(settings),
-            "training": {  # as resolved for a dialogue of at least one chunk
-                c.method: dataclasses.asdict(dataclasses.replace(training, method=c.method).resolved())
-                for c in parsed
-                if c.method != "none"
-            },
+            "training": {method: dataclasses.asdict(config) for method, config in methods.items()},
         },
         "scores": summarize(records),
-        "per_conversation": per_conversation,
-        "conversations": infos,
+        "per_conversation": {c.sample_id: summarize(by_id[c.sample_id]["records"]) for c in conversations},
+        "conversations": {c.sample_id: by_id[c.sample_id]["info"] for c in conversations},
         "seconds": time.perf_counter() - started,
         "predictions": records,
     }
