@@ -12,10 +12,8 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 import transformers
@@ -27,28 +25,14 @@ import locas.training
 from locas.cli import main
 from locas.memory import Memory
 
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
+
 WIDTH = 8
 WINDOW = ["--window", "64"]
 NLL_LINE = re.compile(r"NLL (\d+\.\d+)\s+perplexity (\d+\.\d+)\s+bits/byte (\d+\.\d+)")
 
 
 # --- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hub lookup fails at once instead of trying the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and much faster when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

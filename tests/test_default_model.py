@@ -12,7 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from conftest import CACHE_NAME, PROMPT_IDS  # the session fixture `embedded` lives in conftest.py
@@ -21,13 +20,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import locas.default_model as dm
 from locas.default_model import DEFAULT_MODEL, ModelLoadError, load_model
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any hub lookup fail at once instead of retrying the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -8,11 +8,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from test_pg19 import TINY, run_quietly, write_model_and_books
 
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks, process_group
@@ -36,15 +34,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The in-process run uses one thread, as each torchrun worker does (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_processes_give_the_numbers_of_one(tmp_path: Path, one_thread: None) -> None:

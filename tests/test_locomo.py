@@ -28,6 +28,8 @@ from locas.evaluation.locomo import (
 from locas.memory import Memory
 from locas.training.online import OnlineConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOCOMO = Path(__file__).resolve().parents[2] / "shared/data/locomo/locomo10.json"
 TRAINING = OnlineConfig(chunk_size=48, context_window=48, width=4, lora_rank=4, lr=1e-2)
 SETTINGS = QASettings(max_new_tokens=6)
@@ -57,15 +59,6 @@ def synthetic(sample_id: str = "conv-test") -> dict:
             {"question": "What did Ben paint?", "adversarial_answer": "a sunrise", "evidence": [], "category": 5},
         ],
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

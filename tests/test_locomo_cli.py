@@ -8,12 +8,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
-import torch
 from cli_fixtures import save_tiny_model, tiny_tokenizer
 from test_cli import error_line, run, usage_error
 from test_locomo import synthetic
@@ -23,25 +20,13 @@ import locas.default_model
 from locas.evaluation import locomo
 from locas.memory import Memory
 
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
+
 TINY = ["--chunk-size", "48", "--context-window", "48", "--width", "4", "--lora-rank", "4", "--lr", "1e-2"]
 TINY += ["--max-new-tokens", "6", "--prompt-window", "512"]  # the tiny model's 256 positions hold no prompt
 METHODS = ["--method", "none", "--method", "full", "--method", "locas", "--method", "lora", "--with-context"]
 CONDITIONS = ["none", "full", "locas", "locas+full", "lora", "lora+full"]
 CATEGORY_NAMES = ("single-hop", "multi-hop", "open-domain", "temporal", "adversarial", "adversarial_official")
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_data(path: Path, conversations: list[dict]) -> Path:

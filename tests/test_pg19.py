@@ -7,10 +7,8 @@ import contextlib
 import io
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 import torch
 from cli_fixtures import SENTENCES, TEXT, save_tiny_model, tiny_tokenizer
@@ -22,24 +20,12 @@ from locas.evaluation import pg19
 from locas.training import online
 from locas.training.online import ChunkRecord, OnlineConfig, OnlineResult, chunk_spans
 
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
+
 CHUNKS = 6
 TINY = ["--chunk-size", "16", "--context-window", "32", "--max-tokens", str(16 * CHUNKS), "--width", "8"]
 TINY += ["--lora-rank", "4", "--save-every", "2"]
 METHODS = ["--method", "none", "--method", "locas", "--method", "lora"]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_model_and_books(folder: Path) -> dict[str, Path]:
