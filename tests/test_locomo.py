@@ -329,3 +329,19 @@ def test_a_truncated_context_and_a_subset_of_questions(model, tokenizer):
     assert results["scores"]["full"]["questions"] == 4
     with pytest.raises(ValueError, match=r"unknown condition 'locas\+none'"):
         evaluate_locomo(model, tokenizer, conversations, ["locas+none"], progress=False)
+
+
+def test_generation_stops_once_the_first_non_empty_line_is_complete(tokenizer):
+    from locas.evaluation.locomo import FirstLineDone
+
+    prompt = tokenizer("Question: where?", add_special_tokens=False).input_ids
+    criterion = FirstLineDone(tokenizer, len(prompt))
+
+    def done(answer: str) -> bool:
+        ids = prompt + tokenizer(answer, add_special_tokens=False).input_ids
+        return bool(criterion(torch.tensor([ids]), None)[0])
+
+    assert not done("in Paris")
+    assert not done("\n\n in Paris")  # leading blank lines are skipped, as the answer is stripped
+    assert done("in Paris\nQuestion")
+    assert done("\nin Paris\n")

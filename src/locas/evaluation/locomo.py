@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
@@ -480,6 +480,17 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class FirstLineDone(StoppingCriteria):
+    """Stops generating once the answer's first non-empty line is complete: the answer keeps only that line."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int) -> None:
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
+
+
 def answer_questions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -528,6 +539,7 @@ def answer_questions(
                 top_p=None,
                 top_k=None,
                 pad_token_id=pad_id,
+                stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, input_ids.shape[1])]),
                 **options,
             )
         text = tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True)
