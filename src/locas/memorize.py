@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from locas.memory import Memory
+from locas.model import token_nll
 
 if TYPE_CHECKING:
     from locas.model import LocasModel
@@ -197,7 +197,7 @@ def _gradient_memory(
     finally:
         for handle in handles:
             handle.remove()
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    nll = token_nll(logits, input_ids)
     nll = torch.where(target_mask > 0, nll, torch.full_like(nll, -torch.inf))
 
     # Choose the highest-loss positions (per sequence, or over the whole batch).
