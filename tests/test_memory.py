@@ -58,9 +58,9 @@ def test_concat_output_is_the_sum_and_remove_slots_undoes_it(gated):
 
 
 def test_concat_refuses_different_shapes():
-    with pytest.raises(ValueError, match="cannot concatenate"):
+    with pytest.raises(ValueError, match="cannot combine"):
         random_memory(hidden=8).concat(random_memory(hidden=16))
-    with pytest.raises(ValueError, match="cannot concatenate"):
+    with pytest.raises(ValueError, match="cannot combine"):
         random_memory(gated=True).concat(random_memory(gated=False))
 
 

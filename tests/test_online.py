@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from locas.training.losses import LossInputs, mix, ntp, sd
-from locas.training.online import ChunkRecord, OnlineConfig, chunk_spans, run_online
+from locas.training.online import ChunkRecord, OnlineConfig, chunk_spans, run_online, run_online_batch
 
 SMALL = dict(chunk_size=16, context_window=16, width=8, lora_rank=4)
 
@@ -83,7 +83,7 @@ def test_resume_after_an_interruption_ends_with_the_same_numbers(method, tmp_pat
             tiny_model("gpt2"), tokens, config, state_path=state, save_every=3, progress=False, on_chunk=interrupt
         )
     saved = torch.load(state, weights_only=False)
-    assert len(saved["records"]) == 6  # saved after chunks 3 and 6, interrupted in the 7th
+    assert len(saved["records"][0]) == 6  # saved after chunks 3 and 6, interrupted in the 7th
     resumed = run_online(tiny_model("gpt2"), tokens, config, state_path=state, save_every=3, progress=False)
     assert scores(resumed) == scores(whole)
     if method == "locas":
@@ -221,3 +221,49 @@ def test_lora_seeding_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     run_online(model, stream(40), OnlineConfig(method="lora", **SMALL), progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+BATCH_CASES = {
+    "none": dict(method="none"),
+    "locas ntp, growth": dict(method="locas", lr=2e-2, steps_per_chunk=2, grow_by=4, max_width=16),
+    "locas mix, random_index": dict(method="locas", lr=2e-2, loss="mix", teacher_window=32, memory_init="random_index"),
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_documents_adapted_in_one_batch_equal_separate_runs(case, one_thread):
+    config = OnlineConfig(**{**SMALL, **BATCH_CASES[case]})
+    documents = [stream(100, seed=1), stream(75, seed=2), stream(90, seed=3)]  # 7, 5 and 6 chunks, uneven ends
+    model = tiny_model("gemma")
+    together = run_online_batch(model, documents, config, progress=False)
+    for document, batched in zip(documents, together, strict=True):
+        alone = run_online(model, document, config, progress=False)
+        assert [r.targets for r in batched.records] == [r.targets for r in alone.records]
+        assert scores(batched) == pytest.approx(scores(alone), rel=1e-5)
+        if config.method == "locas":
+            assert [r.loss for r in batched.records] == pytest.approx([r.loss for r in alone.records], rel=1e-4)
+            for name, tensor in alone.memory.slot_tensors().items():
+                torch.testing.assert_close(batched.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
+            assert batched.trainable_parameters == alone.trainable_parameters
+
+
+def test_a_batched_run_resumes_and_lora_refuses_a_batch(tmp_path, one_thread):
+    config = OnlineConfig(method="locas", lr=2e-2, **SMALL)
+    documents = [stream(100, seed=1), stream(70, seed=2)]
+    whole = run_online_batch(tiny_model("llama"), documents, config, progress=False)
+
+    def interrupt(row, record, learner):
+        if record.index == 5:  # document 1 finished at chunk 4: its final state is in the saved file
+            raise KeyboardInterrupt
+
+    state = tmp_path / "batch.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_online_batch(tiny_model("llama"), documents, config, state_path=state, save_every=5, on_chunk=interrupt)
+    resumed = run_online_batch(tiny_model("llama"), documents, config, state_path=state, progress=False)
+    for before, after in zip(whole, resumed, strict=True):
+        assert scores(after) == scores(before)
+        assert torch.equal(after.memory.down, before.memory.down)
+    with pytest.raises(ValueError, match="adapts 1 document at a time"):
+        run_online_batch(tiny_model("llama"), documents, OnlineConfig(method="lora", **SMALL), progress=False)
+    with pytest.raises(ValueError, match="document 1 has 10 tokens"):
+        run_online_batch(tiny_model("llama"), [stream(40), stream(10)], config, progress=False)

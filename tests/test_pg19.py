@@ -215,23 +215,25 @@ def test_locas_variants_are_two_methods(files: dict, tmp_path: Path, capsys) -> 
 
 
 class Spy:
-    """Wraps pg19.run_online: records each pair run and the chunks it ran, and can press Ctrl-C after a chunk."""
+    """Wraps pg19.run_online_batch: records each batch run and the chunks it ran, and can press Ctrl-C after
+    a chunk."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt: tuple[str, int] | None = None) -> None:
         self.chunks: dict[str, list[int]] = {}
         self.interrupt = interrupt
-        self.run_online = online.run_online
-        monkeypatch.setattr(pg19, "run_online", self)
+        self.run_online_batch = online.run_online_batch
+        monkeypatch.setattr(pg19, "run_online_batch", self)
 
-    def __call__(self, *args, description: str, **kwargs) -> OnlineResult:
+    def __call__(self, *args, description: str, **kwargs) -> list[OnlineResult]:
         self.chunks[description] = []
 
-        def on_chunk(record: ChunkRecord, learner) -> None:
-            self.chunks[description].append(record.index)
+        def on_chunk(row: int, record: ChunkRecord, learner) -> None:
+            if row == 0:
+                self.chunks[description].append(record.index)
             if (description, record.index) == self.interrupt:
                 raise KeyboardInterrupt
 
-        return self.run_online(*args, description=description, on_chunk=on_chunk, **kwargs)
+        return self.run_online_batch(*args, description=description, on_chunk=on_chunk, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["locas", "lora"])
@@ -381,3 +383,18 @@ def test_method_is_required(files: dict, tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "eval", "pg19", files["a"], "--out", tmp_path / "r.json")
     assert code == 2
     usage_error(err, "eval pg19", "--method")
+
+
+def test_books_adapted_in_one_batch_give_each_books_own_numbers(files: dict, full_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "batched.json"
+    argv = [*full_run["argv"][:-1], out, "--batch-books", "2"]
+    code, stdout = run_quietly(*argv)
+    assert code == 0, stdout
+    batched, alone = json.loads(out.read_text()), full_run["results"]
+    state = out.with_suffix(".state")
+    assert (state / "a+b.locas.pt").exists() and (state / "a.lora.pt").exists()  # lora: one book at a time
+    for name, rows in alone["books"].items():
+        for label, row in rows.items():
+            again = batched["books"][name][label]
+            assert again["batch_books"] == (1 if label == "lora" else 2)
+            assert again["nll_sum"] == pytest.approx(row["nll_sum"], rel=1e-5), (name, label)

@@ -312,7 +312,15 @@ def command_eval_pg19(args) -> None:
         model, tokenizer = _load(args, device)
         books = [pg19.read_book(path, tokenizer, args.max_tokens, args.chunk_size) for path in args.books]
         results = pg19.evaluate(
-            model, tokenizer, books, methods, out, settings, save_every=args.save_every, ranks=ranks
+            model,
+            tokenizer,
+            books,
+            methods,
+            out,
+            settings,
+            save_every=args.save_every,
+            ranks=ranks,
+            batch_books=args.batch_books,
         )
     if results is not None:
         print(pg19.format_table(results))
@@ -507,6 +515,12 @@ def _add_eval_pg19(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
     pg19.add_argument("--max-tokens", type=at_least_two, default=None, help="read the first N tokens (default: all)")
     pg19.add_argument("--long-factor", type=positive_int, default=4, help="window multiple of the long method")
     pg19.add_argument("--save-every", type=positive_int, default=8, help="save the state every N chunks")
+    pg19.add_argument(
+        "--batch-books",
+        type=positive_int,
+        default=1,
+        help="adapt N books at once, each with its own memory (same numbers, faster on a GPU; lora: always 1)",
+    )
     pg19.set_defaults(
         run=command_eval_pg19,
         command="eval pg19",

@@ -91,20 +91,28 @@ class Memory(nn.Module):
 
     # --- the computation ---------------------------------------------------------------------
 
-    def layer_output(self, layer: int, x: torch.Tensor, activation: nn.Module) -> torch.Tensor:
-        """This memory's contribution to layer `layer`'s MLP output for input `x` (batch, seq, hidden)."""
-        if self.batch_size not in (1, x.shape[0]):
+    def layer_output(
+        self, layer: int, x: torch.Tensor, activation: nn.Module, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """This memory's contribution to layer `layer`'s MLP output for input `x` (batch, seq, hidden).
+
+        `rows` picks which of the batch's memories serve the sequences of `x` (default: all, in order).
+        """
+        up, gate, down = (None if t is None else t[layer] for t in (self.up, self.gate, self.down))
+        if rows is not None:  # indexing keeps the graph: gradients reach only the picked memories
+            up, gate, down = (None if t is None else t[rows] for t in (up, gate, down))
+        if up.shape[0] not in (1, x.shape[0]):
             raise ValueError(
-                f"a memory with batch {self.batch_size} cannot serve a batch of {x.shape[0]} sequences; "
+                f"a memory with batch {up.shape[0]} cannot serve a batch of {x.shape[0]} sequences; "
                 "use a memory of batch 1 or one memory per sequence"
             )
         dtype = x.dtype
-        hidden = _project(x, self.up[layer].to(dtype))
-        if self.gate is not None:
-            hidden = activation(_project(x, self.gate[layer].to(dtype))) * hidden
+        hidden = _project(x, up.to(dtype))
+        if gate is not None:
+            hidden = activation(_project(x, gate.to(dtype))) * hidden
         else:
             hidden = activation(hidden)
-        values = self.down[layer] * self.tau[layer].unsqueeze(-1)  # (batch, width, hidden)
+        values = down * self.tau[layer].unsqueeze(-1)  # (batch, width, hidden)
         return _project(hidden, values.transpose(-1, -2).to(dtype))
 
     @torch.no_grad()
@@ -123,6 +131,25 @@ class Memory(nn.Module):
             raise IndexError(f"memory index {index} out of range for a batch of {self.batch_size}")
         tensors = {name: t.detach()[:, index : index + 1].clone() for name, t in self.slot_tensors().items()}
         return self._new(**tensors, tau=self.tau.clone())
+
+    def zeros_like(self) -> Memory:
+        """A memory of the same shape, tau and metadata with all-zero slots (it adds nothing)."""
+        return self._new(
+            **{name: torch.zeros_like(t.detach()) for name, t in self.slot_tensors().items()}, tau=self.tau
+        )
+
+    @classmethod
+    def stack(cls, memories: list[Memory]) -> Memory:
+        """One memory whose batch holds `memories` in order (same layers, width, tau and base model)."""
+        first = memories[0]
+        for other in memories[1:]:
+            first._check_compatible(other, batch=False)
+            if other.width != first.width or not torch.equal(other.tau, first.tau):
+                raise ValueError("only memories of the same width and tau can be stacked into one batch")
+        tensors = {
+            name: torch.cat([m.slot_tensors()[name].detach() for m in memories], dim=1) for name in first.slot_tensors()
+        }
+        return first._new(**tensors, tau=first.tau.clone())
 
     def concat(self, other: Memory) -> Memory:
         """A memory of width `self.width + other.width` whose output is exactly the sum of both outputs."""
@@ -151,13 +178,15 @@ class Memory(nn.Module):
         tensors = {name: t.detach()[:, :, keep].clone() for name, t in self.slot_tensors().items()}
         return self._new(**tensors, tau=self.tau[:, keep].clone())
 
-    def _check_compatible(self, other: Memory) -> None:
-        mine = (self.num_layers, self.batch_size, self.hidden_size, self.gated, self.metadata.get("fingerprint"))
-        theirs = (other.num_layers, other.batch_size, other.hidden_size, other.gated, other.metadata.get("fingerprint"))
-        if mine != theirs:
+    def _check_compatible(self, other: Memory, batch: bool = True) -> None:
+        def shape(memory: Memory) -> tuple:
+            size = memory.batch_size if batch else None
+            return (memory.num_layers, size, memory.hidden_size, memory.gated, memory.metadata.get("fingerprint"))
+
+        if shape(self) != shape(other):
             raise ValueError(
-                "cannot concatenate memories of different shape or base model: "
-                f"(layers, batch, hidden, gated, fingerprint) {mine} vs {theirs}"
+                "cannot combine memories of different shape or base model: "
+                f"(layers, batch, hidden, gated, fingerprint) {shape(self)} vs {shape(other)}"
             )
 
     # --- files -------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ class LocasModel(nn.Module):
         self.model = model
         self.model.requires_grad_(False)
         self.memory = memory
+        self.rows: torch.Tensor | None = None  # which of the memory's batch serve the input's sequences
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._install_hooks()
 
@@ -117,7 +118,7 @@ class LocasModel(nn.Module):
                 if self.memory is None:
                     return output
                 x = args[0] if args else next(iter(kwargs.values()))
-                return output + self.memory.layer_output(layer, x, activation)
+                return output + self.memory.layer_output(layer, x, activation, self.rows)
 
             self._hooks.append(mlp.register_forward_hook(hook, with_kwargs=True))
 
@@ -150,6 +151,16 @@ class LocasModel(nn.Module):
             yield self
         finally:
             self.memory = previous
+
+    @contextmanager
+    def serving(self, rows: list[int] | None) -> Iterator[LocasModel]:
+        """Run the input's sequences with memories `rows` of the attached batch (None: all, in order)."""
+        previous = self.rows
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        try:
+            yield self
+        finally:
+            self.rows = previous
 
     # --- running the model -------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """PG-19 whole-book language modelling: every method reads every book online, score-first (method.md, 5).
 
-Each (method, book) pair is one `run_online` over the book's first `max_tokens` tokens: every chunk is
-scored with the model as it was before training on that chunk. The pairs' state lives in a folder next to
-the results file (`results.json` -> `results.state/`): `BOOK.METHOD.pt` (the trainer's resumable state)
-while a pair runs, `BOOK.METHOD.json` (its metrics) once it finished, so an interrupted evaluation started
-again resumes each pair where it was saved and does not run finished pairs again.
+Each (method, book) pair is one online run over the book's first `max_tokens` tokens: every chunk is
+scored with the model as it was before training on that chunk (several books may run in one batch, each
+with its own memory and the numbers of its own run). The pairs' state lives in a folder next to the
+results file (`results.json` -> `results.state/`): `BOOKS.METHOD.pt` (the trainer's resumable state)
+while a batch runs, `BOOK.METHOD.json` (its metrics) once it finished, so an interrupted evaluation
+started again resumes where it was saved and does not run finished pairs again.
 
 A method is named `none`, `long`, `lora` or `locas`, or `locas:INIT` for a memory with that init
 (e.g. `locas:random_index`); the name is the method's label in the results.
@@ -29,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.data import read_text
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
-from locas.training.online import OnlineConfig, OnlineResult, run_online
+from locas.training.online import OnlineConfig, OnlineResult, run_online_batch
 
 MARKS = (50_000, 100_000, 150_000, 200_000)  # tokens read: the paper's PPL@50K ... PPL@200K
 PERCENTS = tuple(range(10, 101, 10))  # of the tokens read: the curve's deciles
@@ -204,10 +205,10 @@ def open_state_folder(folder: Path, settings: dict) -> None:
     write_json(settings, saved)
 
 
-def run_pair(
+def run_books(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    book: Book,
+    books: Sequence[Book],
     label: str,
     config: OnlineConfig,
     folder: Path,
@@ -215,37 +216,49 @@ def run_pair(
     save_every: int = 8,
     progress: bool = True,
     rank: int = 0,
-) -> dict:
-    """The metrics of `label` on `book`: read from `folder` if the pair finished, else run (resuming its state)."""
-    stem = folder / f"{book.name}.{label.replace(':', '-')}"
-    finished = stem.with_name(stem.name + ".json")
-    if finished.exists():
-        row = json.loads(finished.read_text(encoding="utf-8"))
-        if row["config"] != dataclasses.asdict(config):
-            raise ValueError(f"the finished run in {finished} used other settings; delete it or choose another output")
-        return row
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    result = run_online(
-        model,
-        book.token_ids,
-        config,
-        state_path=stem.with_name(stem.name + ".pt"),
-        save_every=save_every,
-        progress=progress,
-        description=f"{book.name} {label}",
-    )
-    row = {
-        "book": book.name,
-        "path": str(book.path),
-        "method": label,
-        **book_metrics(result, book.token_ids, tokenizer),
-        "peak_memory": peak_memory(model.device),
-        "rank": rank,
-        "config": dataclasses.asdict(result.config),
-    }
-    write_json(row, finished)
-    return row
+) -> list[dict]:
+    """The metrics of `label` on each of `books`: read from `folder` for finished pairs; the others run
+    together in one batch (`run_online_batch`, resuming their saved state)."""
+    stems = {book.name: folder / f"{book.name}.{label.replace(':', '-')}" for book in books}
+    rows = {}
+    for book in books:
+        finished = stems[book.name].with_name(stems[book.name].name + ".json")
+        if finished.exists():
+            row = json.loads(finished.read_text(encoding="utf-8"))
+            if row["config"] != dataclasses.asdict(config):
+                raise ValueError(
+                    f"the finished run in {finished} used other settings; delete it or choose another output"
+                )
+            rows[book.name] = row
+    pending = [book for book in books if book.name not in rows]
+    if pending:
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        names = "+".join(book.name for book in pending)
+        state = folder / f"{names}.{label.replace(':', '-')}.pt"
+        results = run_online_batch(
+            model,
+            [book.token_ids for book in pending],
+            config,
+            state_path=state,
+            save_every=save_every,
+            progress=progress,
+            description=f"{names} {label}",
+        )
+        for book, result in zip(pending, results, strict=True):
+            row = {
+                "book": book.name,
+                "path": str(book.path),
+                "method": label,
+                **book_metrics(result, book.token_ids, tokenizer),
+                "peak_memory": peak_memory(model.device),
+                "batch_books": len(pending),
+                "rank": rank,
+                "config": dataclasses.asdict(result.config),
+            }
+            write_json(row, stems[book.name].with_name(stems[book.name].name + ".json"))
+            rows[book.name] = row
+    return [rows[book.name] for book in books]
 
 
 def evaluate(
@@ -259,8 +272,12 @@ def evaluate(
     save_every: int = 8,
     progress: bool = True,
     ranks: Ranks = SINGLE_PROCESS,
+    batch_books: int = 1,
 ) -> dict | None:
     """Run every method on this rank's share of the books; on rank 0, write and return the results.
+
+    `batch_books` > 1 adapts that many books at once (one forward/backward per chunk for all of them;
+    each book's numbers are those of its own run). TempLoRA (`lora`) always runs one book at a time.
 
     `settings` (model, dtype, max_tokens: what the books' tokens depend on) guard the state folder
     against resuming another run. The results JSON (`out`) holds the settings, each method's resolved
@@ -269,13 +286,22 @@ def evaluate(
     """
     folder = state_folder(out)
     open_state_folder(folder, settings)
-    rows = [
-        run_pair(
-            model, tokenizer, book, label, config, folder, save_every=save_every, progress=progress, rank=ranks.rank
-        )
-        for book in ranks.share(books)
-        for label, config in methods.items()
-    ]
+    share = list(ranks.share(books))
+    rows = []
+    for label, config in methods.items():
+        size = 1 if config.method == "lora" else batch_books
+        for first in range(0, len(share), size):
+            rows += run_books(
+                model,
+                tokenizer,
+                share[first : first + size],
+                label,
+                config,
+                folder,
+                save_every=save_every,
+                progress=progress,
+                rank=ranks.rank,
+            )
     by_pair = {(row["book"], row["method"]): row for row in ranks.gather(rows)}
     if not ranks.is_main:
         return None

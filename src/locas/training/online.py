@@ -152,19 +152,29 @@ def chunk_spans(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 class Learner:
-    """The backbone as scored and trained by one method. The base class trains nothing."""
+    """The backbone as scored and trained by one method, for `batch_size` documents (each with its own
+    trainable state; the rows of a forward pass are documents). The base class trains nothing."""
 
-    def __init__(self, model: PreTrainedModel, config: OnlineConfig) -> None:
-        self.model, self.config = model, config
+    max_batch_size: int | None = None  # None: any
 
-    def prepare(self, chunk_index: int, chunk_ids: torch.Tensor) -> bool:
-        """Called before chunk `chunk_index` is scored; True when the trainable parameters changed."""
+    def __init__(self, model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> None:
+        if self.max_batch_size is not None and batch_size > self.max_batch_size:
+            raise ValueError(
+                f"method {config.method!r} adapts {self.max_batch_size} document at a time, not {batch_size}; "
+                "run the documents one by one"
+            )
+        self.model, self.config, self.batch_size = model, config, batch_size
+
+    def prepare(self, chunk_index: int, chunks: list[torch.Tensor], rows: list[int]) -> bool:
+        """Called before chunk `chunk_index` of documents `rows` (tokens `chunks`) is scored; True when the
+        trainable parameters changed."""
         return False
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
 
-    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
+        """Logits of the last `keep` positions; row i of `input_ids` belongs to document `rows[i]`."""
         return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, **kwargs) -> torch.Tensor:
@@ -178,7 +188,8 @@ class Learner:
     def after_step(self) -> None:
         pass
 
-    def state_dict(self) -> dict:
+    def state_dict(self, row: int | None = None) -> dict:
+        """The trainable state (of document `row` alone, as a batch-1 learner's; None: every document)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -189,15 +200,15 @@ class Learner:
 
 
 class MemoryLearner(Learner):
-    def __init__(self, model: PreTrainedModel, config: OnlineConfig) -> None:
-        super().__init__(model, config)
+    def __init__(self, model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> None:
+        super().__init__(model, config, batch_size)
         self.locas_model = LocasModel(model)
 
     @property
     def memory(self) -> Memory | None:
         return self.locas_model.memory
 
-    def prepare(self, chunk_index: int, chunk_ids: torch.Tensor) -> bool:
+    def prepare(self, chunk_index: int, chunks: list[torch.Tensor], rows: list[int]) -> bool:
         config = self.config
         memorize_now = chunk_index == config.memorize_at and self.memory is None
         grow_now = (
@@ -208,18 +219,31 @@ class MemoryLearner(Learner):
         )
         if not (memorize_now or grow_now):
             return False
-        new = memorize(
-            self.locas_model,
-            chunk_ids.unsqueeze(0).to(self.locas_model.device),
-            keep_top=config.width if memorize_now else config.grow_by,
-            memory_init=config.memory_init,
-            seed=config.seed + chunk_index,
-        )
+        if memorize_now and len(rows) < self.batch_size:
+            raise ValueError(f"every document must have more than memorize_at={config.memorize_at} chunks")
+        # One document at a time: the same slots (and random draws) as when each document runs alone.
+        new = {
+            row: memorize(
+                self.locas_model,
+                chunk.unsqueeze(0).to(self.locas_model.device),
+                keep_top=config.width if memorize_now else config.grow_by,
+                memory_init=config.memory_init,
+                seed=config.seed + chunk_index,
+            )
+            for row, chunk in zip(rows, chunks, strict=True)
+        }
+        inert = next(iter(new.values())).zeros_like()  # for documents already finished
+        new = Memory.stack([new.get(row, inert) for row in range(self.batch_size)])
         self.locas_model.attach_memory(new if memorize_now else self.memory.concat(new))
         return True
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [] if self.memory is None else list(self.memory.parameters())
+
+    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
+        every_row = rows is None or list(rows) == list(range(self.batch_size))
+        with self.locas_model.serving(None if every_row else rows):
+            return super().logits(input_ids, keep)
 
     def teacher_mode(self):
         return self.locas_model.using(None)
@@ -227,11 +251,12 @@ class MemoryLearner(Learner):
     def after_step(self) -> None:
         self.memory.clip_()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, row: int | None = None) -> dict:
         if self.memory is None:
             return {"memory": None}
-        tensors = {name: t.detach().cpu().clone() for name, t in self.memory.slot_tensors().items()}
-        return {"memory": {**tensors, "tau": self.memory.tau.cpu().clone(), "metadata": dict(self.memory.metadata)}}
+        memory = self.memory if row is None else self.memory.select(row)
+        tensors = {name: t.detach().cpu().clone() for name, t in memory.slot_tensors().items()}
+        return {"memory": {**tensors, "tau": memory.tau.cpu().clone(), "metadata": dict(memory.metadata)}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state["memory"]
@@ -245,12 +270,14 @@ class MemoryLearner(Learner):
 class LoraLearner(Learner):
     """TempLoRA: a LoRA adapter (peft) on attention q, k, v, o and the MLP projections."""
 
-    def __init__(self, model: PreTrainedModel, config: OnlineConfig) -> None:
+    max_batch_size = 1  # peft trains one adapter per model
+
+    def __init__(self, model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> None:
         from peft import LoraConfig, get_peft_model
 
         from locas.families import family_of
 
-        super().__init__(model, config)
+        super().__init__(model, config, batch_size)
         family = family_of(model)
         lora_config = LoraConfig(
             r=config.lora_rank,
@@ -266,7 +293,7 @@ class LoraLearner(Learner):
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
 
-    def logits(self, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
         return self.peft_model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, **kwargs) -> torch.Tensor:
@@ -275,7 +302,7 @@ class LoraLearner(Learner):
     def teacher_mode(self):
         return self.peft_model.disable_adapter()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, row: int | None = None) -> dict:
         from peft import get_peft_model_state_dict
 
         return {"adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}}
@@ -289,8 +316,8 @@ class LoraLearner(Learner):
         self.peft_model.unload()
 
 
-def make_learner(model: PreTrainedModel, config: OnlineConfig) -> Learner:
-    return {"locas": MemoryLearner, "lora": LoraLearner}.get(config.method, Learner)(model, config)
+def make_learner(model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> Learner:
+    return {"locas": MemoryLearner, "lora": LoraLearner}.get(config.method, Learner)(model, config, batch_size)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -317,8 +344,8 @@ def _optimizer(parameters: list[torch.nn.Parameter], config: OnlineConfig, previ
 
 
 @contextmanager
-def _learner(model: PreTrainedModel, config: OnlineConfig) -> Iterator[Learner]:
-    learner = make_learner(model, config)
+def _learner(model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> Iterator[Learner]:
+    learner = make_learner(model, config, batch_size)
     try:
         yield learner
     finally:
@@ -344,47 +371,84 @@ def _save_atomically(state: dict, path: Path) -> None:
 
 
 def train_chunk(
-    learner: Learner, optimizer, token_ids: torch.Tensor, start: int, end: int, config: OnlineConfig
-) -> tuple[int, float, float | None]:
-    """Score tokens [start, end) of the stream, then train on them.
+    learner: Learner,
+    optimizer,
+    documents: list[torch.Tensor],
+    rows: list[int],
+    start: int,
+    config: OnlineConfig,
+) -> list[tuple[int, float, float | None]]:
+    """Score the chunk starting at token `start` of each document in `rows`, then train on it.
 
-    Returns (tokens scored, their NLL sum, the first step's training loss or None when not trained).
+    The documents' windows are stacked into one batch (a shorter last chunk is padded at the end and its
+    padding never scored nor trained on: causal attention keeps it out of the real tokens). The training
+    loss is the sum of the documents' losses, so each document's gradient is the one it has alone.
+    Returns per row (tokens scored, their NLL sum, the first step's training loss or None when not trained).
     """
     device = learner.model.device
-    targets = token_ids[max(start, 1) : end].unsqueeze(0).to(device)
-    count = targets.shape[1]
-    input_ids = token_ids[max(0, start - config.window) : end].unsqueeze(0).to(device)
+    ends = [min(start + config.chunk_size, documents[row].numel()) for row in rows]
+    first, end = max(start, 1), max(ends)
+    counts = [row_end - first for row_end in ends]
+    count = end - first
+
+    def stacked(window_start: int) -> torch.Tensor:
+        return torch.stack(
+            [
+                F.pad(documents[row][window_start:row_end], (0, end - row_end))
+                for row, row_end in zip(rows, ends, strict=True)
+            ]
+        ).to(device)
+
+    input_ids = stacked(max(0, start - config.window))
+    targets = stacked(first)
     teacher_cache: list[torch.Tensor] = []
 
-    def teacher() -> torch.Tensor:
-        if not teacher_cache:
-            teacher_ids = token_ids[max(0, start - config.teacher_window) : end].unsqueeze(0).to(device)
-            with torch.no_grad(), learner.teacher_mode():
-                teacher_cache.append(learner.logits(teacher_ids, count + 1)[:, :-1])
-        return teacher_cache[0]
+    def teacher(index: int) -> Callable[[], torch.Tensor]:
+        def logits() -> torch.Tensor:
+            if not teacher_cache:
+                with torch.no_grad(), learner.teacher_mode():
+                    teacher_ids = stacked(max(0, start - config.teacher_window))
+                    teacher_cache.append(learner.logits(teacher_ids, count + 1)[:, :-1])
+            return teacher_cache[0][index : index + 1, : counts[index]]
 
-    def nll_sum(logits: torch.Tensor) -> float:
-        return F.cross_entropy(logits.detach().float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        return logits
+
+    def nll_sums(logits: torch.Tensor) -> list[float]:
+        nll = F.cross_entropy(logits.detach().float().transpose(1, 2), targets, reduction="none")
+        return [nll[i, :n].sum().item() for i, n in enumerate(counts)]
 
     steps = config.steps_per_chunk if optimizer is not None else 0
     if steps == 0:
         with torch.no_grad():
-            return count, nll_sum(learner.logits(input_ids, count + 1)[:, :-1]), None
+            scores = nll_sums(learner.logits(input_ids, count + 1, rows)[:, :-1])
+        return [(n, nll, None) for n, nll in zip(counts, scores, strict=True)]
+    options = {"mix_alpha": config.mix_alpha}
     for step in range(steps):
-        logits = learner.logits(input_ids, count + 1)[:, :-1]
+        logits = learner.logits(input_ids, count + 1, rows)[:, :-1]
         if step == 0:  # the score: this forward ran before any update on this chunk
-            score = nll_sum(logits)
-        inputs = LossInputs(
-            logits, targets, teacher if config.loss in NEEDS_TEACHER else None, {"mix_alpha": config.mix_alpha}
-        )
-        loss = LOSSES[config.loss](inputs)
+            scores = nll_sums(logits)
+        losses = [
+            LOSSES[config.loss](
+                LossInputs(
+                    logits[i : i + 1, :n],
+                    targets[i : i + 1, :n],
+                    teacher(i) if config.loss in NEEDS_TEACHER else None,
+                    options,
+                )
+            )
+            for i, n in enumerate(counts)
+        ]
         if step == 0:
-            first_loss = loss.item()
+            first_losses = [loss.item() for loss in losses]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.stack(losses).sum().backward()
         optimizer.step()
         learner.after_step()
-    return count, score, first_loss
+    return list(zip(counts, scores, first_losses, strict=True))
+
+
+def _fingerprint(token_ids: torch.Tensor) -> str:
+    return hashlib.sha256(token_ids.cpu().numpy().tobytes()).hexdigest()
 
 
 def run_online(
@@ -404,26 +468,64 @@ def run_online(
     `save_every` chunks and at the end; a run started again with the same path continues after the last
     saved chunk and ends with the same numbers. The backbone is given back unchanged.
     """
+    on_document_chunk = None if on_chunk is None else (lambda row, record, learner: on_chunk(record, learner))
+    return run_online_batch(
+        model,
+        [token_ids],
+        config,
+        state_path=state_path,
+        save_every=save_every,
+        progress=progress,
+        description=description,
+        on_chunk=on_document_chunk,
+    )[0]
+
+
+def run_online_batch(
+    model: PreTrainedModel,
+    documents: list[torch.Tensor],
+    config: OnlineConfig,
+    *,
+    state_path: str | Path | None = None,
+    save_every: int = 8,
+    progress: bool = True,
+    description: str = "",
+    on_chunk: Callable[[int, ChunkRecord, Learner], None] | None = None,
+) -> list[OnlineResult]:
+    """`run_online` over several documents at once, each with its own memory (the memory's batch axis):
+    chunk k of every document still running is scored and trained in one forward/backward. Each result
+    equals the document's own `run_online` (up to float rounding). `lora` takes one document only.
+
+    A record's `seconds` is the batch's time for that chunk divided by the documents in it.
+    """
     config = config.resolved()
-    token_ids = token_ids.flatten()
-    spans = chunk_spans(token_ids.numel(), config.chunk_size)
-    if token_ids.numel() < config.chunk_size:
-        raise ValueError(f"the text has {token_ids.numel()} tokens, fewer than one chunk ({config.chunk_size})")
-    text_fingerprint = hashlib.sha256(token_ids.cpu().numpy().tobytes()).hexdigest()
-    result = OnlineResult(config=config)
+    documents = [document.flatten() for document in documents]
+    if not documents:
+        raise ValueError("no documents to train on")
+    for index, document in enumerate(documents):
+        if document.numel() < config.chunk_size:
+            name = "the text" if len(documents) == 1 else f"document {index}"
+            raise ValueError(f"{name} has {document.numel()} tokens, fewer than one chunk ({config.chunk_size})")
+    spans = [chunk_spans(document.numel(), config.chunk_size) for document in documents]
+    fingerprints = [_fingerprint(document) for document in documents]
+    results = [OnlineResult(config=config) for _ in documents]
     state_path = None if state_path is None else Path(state_path)
 
-    with _learner(model, config) as learner:
+    with _learner(model, config, len(documents)) as learner:
         optimizer = None
         if state_path is not None and state_path.exists():
             state = torch.load(state_path, weights_only=False)
+            if state.get("format") != 2:
+                raise ValueError(f"{state_path} was saved by an older locas; delete it or choose another output")
             if state["config"] != dataclasses.asdict(config):
                 raise ValueError(
                     f"the saved run in {state_path} used other settings; delete it or choose another output"
                 )
-            if state["text"] != text_fingerprint:
+            if state["texts"] != fingerprints:
                 raise ValueError(f"the saved run in {state_path} read another text; delete it or choose another output")
-            result.records = [ChunkRecord(**r) for r in state["records"]]
+            for result, records, final_state in zip(results, state["records"], state["final_states"], strict=True):
+                result.records = [ChunkRecord(**r) for r in records]
+                result.final_state = final_state
             learner.load_state_dict(state["learner"])
             if state["optimizer"] is not None:
                 optimizer = _optimizer(learner.parameters(), config)
@@ -433,34 +535,44 @@ def run_online(
             if state_path is not None:
                 _save_atomically(
                     {
+                        "format": 2,
                         "config": dataclasses.asdict(config),
-                        "text": text_fingerprint,
-                        "records": [dataclasses.asdict(r) for r in result.records],
+                        "texts": fingerprints,
+                        "records": [[dataclasses.asdict(r) for r in result.records] for result in results],
+                        "final_states": [result.final_state for result in results],
                         "learner": learner.state_dict(),
                         "optimizer": None if optimizer is None else optimizer.state_dict(),
                     },
                     state_path,
                 )
 
-        with tqdm(
-            total=len(spans), initial=len(result.records), desc=description, unit="chunk", disable=not progress
-        ) as bar:
-            for index in range(len(result.records), len(spans)):
+        num_chunks = max(len(s) for s in spans)
+        done = max(len(result.records) for result in results)
+        with tqdm(total=num_chunks, initial=done, desc=description, unit="chunk", disable=not progress) as bar:
+            for index in range(done, num_chunks):
                 started = time.perf_counter()
-                start, end = spans[index]
-                if learner.prepare(index, token_ids[start:end]) or (optimizer is None and learner.parameters()):
+                rows = [row for row in range(len(documents)) if index < len(spans[row])]
+                start = spans[rows[0]][index][0]
+                chunks = [documents[row][slice(*spans[row][index])] for row in rows]
+                if learner.prepare(index, chunks, rows) or (optimizer is None and learner.parameters()):
                     optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
-                count, nll_sum, loss = train_chunk(learner, optimizer, token_ids, start, end, config)
-                record = ChunkRecord(index, start, end, count, nll_sum, time.perf_counter() - started, loss)
-                result.records.append(record)
-                if on_chunk is not None:
-                    on_chunk(record, learner)
+                outcomes = train_chunk(learner, optimizer, documents, rows, start, config)
+                seconds = (time.perf_counter() - started) / len(rows)
+                for row, (count, nll_sum, loss) in zip(rows, outcomes, strict=True):
+                    record = ChunkRecord(index, start, spans[row][index][1], count, nll_sum, seconds, loss)
+                    results[row].records.append(record)
+                    if index + 1 == len(spans[row]):  # this document is finished: keep its learner state
+                        results[row].final_state = learner.state_dict(row if len(documents) > 1 else None)
+                    if on_chunk is not None:
+                        on_chunk(row, record, learner)
                 bar.update(1)
-                bar.set_postfix(ppl=f"{math.exp(result.nll):.3f}")
-                if (index + 1) % save_every == 0 or index + 1 == len(spans):
+                pooled = sum(r.nll_sum for result in results for r in result.records)
+                bar.set_postfix(ppl=f"{math.exp(pooled / max(sum(result.tokens for result in results), 1)):.3f}")
+                if (index + 1) % save_every == 0 or index + 1 == num_chunks:
                     save()
-        result.trainable_parameters = sum(p.numel() for p in learner.parameters())
-        result.final_state = learner.state_dict()
-        if isinstance(learner, MemoryLearner) and learner.memory is not None:
-            result.memory = learner.memory
-    return result
+        trainable = sum(p.numel() for p in learner.parameters()) // len(documents)
+        for result in results:
+            result.trainable_parameters = trainable
+            if isinstance(learner, MemoryLearner) and learner.memory is not None:
+                result.memory = Memory(**{k: v for k, v in result.final_state["memory"].items()})
+    return results
