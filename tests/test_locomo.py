@@ -191,10 +191,10 @@ def test_prompts_keep_the_dialogues_tail_and_fit_the_window(model, tokenizer):
     dialogue_ids = tokenizer(render_dialogue(conversation), add_special_tokens=False).input_ids
     prompts = []
 
-    def generate(input_ids, max_new_tokens, **options):
-        prompts.append(input_ids[0].tolist())
+    def generate(input_ids, attention_mask, max_new_tokens, **options):
+        prompts.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True))
         answer = torch.tensor([tokenizer(" Paris\nmore", add_special_tokens=False).input_ids])
-        return torch.cat([input_ids, answer], dim=1)
+        return torch.cat([input_ids, answer.expand(len(input_ids), -1)], dim=1)
 
     settings = QASettings(prompt_window=300, max_new_tokens=10, reuse_prefix=False)
     questions = conversation.questions
@@ -345,3 +345,19 @@ def test_generation_stops_once_the_first_non_empty_line_is_complete(tokenizer):
     assert not done("\n\n in Paris")  # leading blank lines are skipped, as the answer is stripped
     assert done("in Paris\nQuestion")
     assert done("\nin Paris\n")
+
+
+@pytest.mark.parametrize("with_context", [True, False])
+def test_questions_answered_in_a_batch_get_the_answers_they_get_alone(model, tokenizer, with_context):
+    conversation = parse_conversation(synthetic())
+    dialogue_ids = tokenizer(render_dialogue(conversation), add_special_tokens=False).input_ids
+    questions = conversation.questions * 2  # prompts of different lengths in one batch
+    context = dialogue_ids if with_context else None
+    answers = {}
+    for batch in (1, 3):
+        settings = QASettings(prompt_window=400, max_new_tokens=8, answer_batch=batch)
+        answers[batch], _ = answer_questions(
+            model, tokenizer, model.generate, conversation, questions, context, settings, progress=False
+        )
+    assert answers[3] == answers[1]
+    assert len(set(answers[1])) > 1  # the questions got different answers: the rows were not mixed up

@@ -370,6 +370,7 @@ def command_eval_locomo(args) -> None:
         abstain_hint=args.abstain_hint,
         max_questions=args.max_questions,
         categories=None if args.categories is None else tuple(args.categories),
+        answer_batch=args.answer_batch,
     )
     if not any(settings.questions(conversation) for conversation in conversations):
         raise CommandError("--categories selects no question of the chosen conversations")
@@ -387,6 +388,109 @@ def command_eval_locomo(args) -> None:
     if results is not None:
         print(locomo.format_table(results))
         print(f"wrote {out / 'results.json'} and {out / 'locomo.png'}")
+
+
+def _add_mmlu_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shots", type=non_negative_int, default=5, help="solved dev examples before each question")
+    parser.add_argument(
+        "--subjects", type=comma_list(str), default=None, help="e.g. anatomy,virology (default: all, sorted)"
+    )
+    parser.add_argument("--limit-per-subject", type=positive_int, default=None, help="the first N questions of each")
+
+
+def _read_adapter(path: str):
+    """The --adapter, read before the model loads so that a wrong path fails fast: a peft adapter folder
+    (returned as a Path) or an adapter file of `locas eval locomo` (adapters/ID.pt, returned as an OnlineResult)."""
+    import pickle
+
+    from locas.training.online import OnlineConfig, OnlineResult
+
+    source = Path(path)
+    fix = "pass a peft adapter folder (save_pretrained) or an adapters/ID.pt file of 'locas eval locomo'"
+    if source.is_dir():
+        if not (source / "adapter_config.json").is_file():
+            raise CommandError(f"--adapter {path!r} has no adapter_config.json; {fix}")
+        return source
+    try:
+        saved = torch.load(source, weights_only=True)
+        return OnlineResult(OnlineConfig(**saved["online_config"]), final_state=saved["final_state"])
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        raise CommandError(f"--adapter {path!r} cannot be read ({error}); {fix}") from error
+
+
+def _scored_model(stack, model, memory: Memory | None, adapter):
+    """The model with the memory or adapter on until `stack` closes (the bare model when neither is given)."""
+    if memory is not None:
+        locas_model = _locas_model(model, memory)
+        stack.callback(locas_model.detach)
+        return locas_model
+    if adapter is None:
+        return model
+    try:
+        if isinstance(adapter, Path):
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, adapter)
+        from locas.training.online import trained
+
+        stack.enter_context(trained(model, adapter))  # the adapter's layers sit inside `model`
+        return model
+    except (RuntimeError, KeyError) as error:
+        raise CommandError(f"--adapter does not fit this model ({error}); pass one trained on it") from error
+
+
+def command_eval_mmlu(args) -> None:
+    from contextlib import ExitStack
+
+    from locas.evaluation import mmlu
+    from locas.evaluation.pg19 import write_json
+
+    out = Path(args.out)
+    _check_output_path(out, ".json")
+    subjects = mmlu.load_mmlu(args.directory, args.subjects, args.limit_per_subject, args.shots)
+    memory = _read_memory(args.memory) if args.memory else None
+    adapter = _read_adapter(args.adapter) if args.adapter else None
+    model, tokenizer = _load(args)
+    with ExitStack() as stack:
+        results = mmlu.score_mmlu(_scored_model(stack, model, memory, adapter), tokenizer, subjects)
+    settings = {"model": args.model or "default", "dtype": args.dtype, "memory": args.memory, "adapter": args.adapter}
+    write_json({"settings": {**settings, "directory": args.directory}, **results}, out)
+    print(mmlu.format_table(results))
+    print(f"wrote {out}")
+
+
+def command_eval_forgetting(args) -> None:
+    from locas.evaluation import forgetting, mmlu, pg19
+
+    out = Path(args.out)
+    _check_output_path(out, ".json")
+    config = dataclasses.replace(_online_config(args), method=args.method).resolved()
+    if args.max_tokens is not None and args.max_tokens < args.chunk_size:
+        raise CommandError(f"--max-tokens {args.max_tokens} is less than one chunk (--chunk-size {args.chunk_size})")
+    for probe in args.probes:
+        if Path(probe).resolve() == Path(args.book).resolve():
+            raise CommandError(f"--probe {probe!r} is the book itself; probe with texts the memory never saw")
+    pg19.check_book_files([args.book, *args.probes])
+    subjects = mmlu.load_mmlu(args.mmlu, args.subjects, args.limit_per_subject, args.shots)
+    model, tokenizer = _load(args)
+    book = pg19.read_book(args.book, tokenizer, args.max_tokens, config.chunk_size)
+    probes = [pg19.read_book(path, tokenizer, args.probe_tokens, 2) for path in args.probes]
+    results = forgetting.evaluate_forgetting(
+        model,
+        tokenizer,
+        book,
+        config,
+        subjects,
+        probes,
+        probe_window=args.probe_window,
+        state_path=out.with_suffix(".state.pt"),
+        save_every=args.save_every,
+    )
+    settings = {"model": args.model or "default", "dtype": args.dtype, "mmlu": args.mmlu, "shots": args.shots}
+    settings.update(max_tokens=args.max_tokens, probe_tokens=args.probe_tokens, probe_window=args.probe_window)
+    pg19.write_json({"settings": settings, **results}, out)
+    print(forgetting.format_summary(results))
+    print(f"wrote {out}")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -447,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer_options = _trainer_options()
     _add_eval_pg19(benchmarks, [model_options, trainer_options])
     _add_eval_locomo(benchmarks, [model_options, trainer_options])
+    _add_eval_mmlu(benchmarks, [model_options])
+    _add_eval_forgetting(benchmarks, [model_options, trainer_options])
     return parser
 
 
@@ -581,6 +687,9 @@ def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None
     locomo.add_argument("--context-mode", default="date_split", choices=["date_split"], help="dialogue rendering")
     locomo.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit")
     locomo.add_argument(
+        "--answer-batch", type=positive_int, default=8, help="questions decoded together (same answers)"
+    )
+    locomo.add_argument(
         "--prompt-window", type=positive_int, default=None, help="tokens of prompt + answer (default: the model's)"
     )
     locomo.add_argument("--abstain-hint", action="store_true", help="tell every question how to answer 'not mentioned'")
@@ -589,6 +698,72 @@ def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None
         command="eval locomo",
         interrupted="memories and adapters trained so far are kept in OUT/memories and OUT/adapters; "
         "run the same command to reuse them",
+    )
+
+
+MMLU_DESCRIPTION = """\
+MMLU multiple choice (Hendrycks et al.), k-shot: each question follows its subject's header line and first
+--shots solved dev examples, and the answer is the letter (" A".." D") the model finds most likely after
+"Answer:" (one forward pass per question). A prompt longer than the model's window drops the last examples,
+as few as needed. Writes accuracy per subject, the macro (mean over subjects) and micro (all questions)
+averages and every question's prediction to --out (.json). --memory or --adapter scores the model with a
+memory file or a LoRA adapter on."""
+
+
+def _add_eval_mmlu(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
+    mmlu = benchmarks.add_parser(
+        "mmlu",
+        parents=parents,
+        help="MMLU multiple-choice accuracy, optionally with a memory or adapter",
+        description=MMLU_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mmlu.add_argument("directory", metavar="DIR", help="MMLU folder: test/SUBJECT_test.csv, dev/SUBJECT_dev.csv")
+    learned = mmlu.add_mutually_exclusive_group()
+    learned.add_argument("--memory", default=None, help="memory file to attach (locas memorize, eval locomo)")
+    learned.add_argument(
+        "--adapter", default=None, help="peft LoRA adapter folder, or an adapters/ID.pt file of eval locomo"
+    )
+    _add_mmlu_options(mmlu)
+    mmlu.add_argument("--out", required=True, help="results file (.json) in an existing folder")
+    mmlu.set_defaults(run=command_eval_mmlu, command="eval mmlu")
+
+
+FORGETTING_DESCRIPTION = """\
+Forgetting (method.md, "MMLU forgetting"): train a Locas memory (--method locas) or a TempLoRA adapter
+(--method lora) online over BOOK with the trainer options below, then measure MMLU accuracy (as `eval mmlu`)
+and the perplexity of --probe texts the memory never saw (each one's first --probe-tokens tokens, in
+windows of --probe-window tokens scored on their own), with the memory and without it. Writes both
+measurements and the changes with a 95% paired-bootstrap interval (over questions, over probe windows) to
+--out (.json). The training is saved in OUT.state.pt: the same command run again resumes it, or reuses it
+once finished (delete the file to train again)."""
+
+
+def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
+    forgetting = benchmarks.add_parser(
+        "forgetting",
+        parents=parents,
+        help="MMLU and held-out perplexity before and after memorising a book",
+        description=FORGETTING_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    forgetting.add_argument("book", metavar="BOOK", help="UTF-8 text the memory or adapter is trained on")
+    forgetting.add_argument("--method", required=True, choices=["locas", "lora"], help="what is trained on BOOK")
+    forgetting.add_argument("--mmlu", required=True, metavar="DIR", help="MMLU folder (see eval mmlu)")
+    forgetting.add_argument(
+        "--probe", dest="probes", nargs="+", required=True, metavar="TEXT", help="held-out UTF-8 texts"
+    )
+    forgetting.add_argument("--probe-tokens", type=at_least_two, default=4096, help="first N tokens of each probe")
+    forgetting.add_argument("--probe-window", type=at_least_two, default=1024, help="tokens per scored window")
+    forgetting.add_argument("--max-tokens", type=at_least_two, default=None, help="train on the book's first N tokens")
+    _add_mmlu_options(forgetting)
+    forgetting.add_argument("--save-every", type=positive_int, default=8, help="save the training every N chunks")
+    forgetting.add_argument("--out", required=True, help="results file (.json) in an existing folder")
+    forgetting.set_defaults(
+        run=command_eval_forgetting,
+        command="eval forgetting",
+        interrupted="the training so far is saved in OUT.state.pt (every --save-every chunks); "
+        "run the same command to resume",
     )
 
 

@@ -438,6 +438,7 @@ class QASettings:
     max_questions: int | None = None  # per conversation, the first N (after `categories`)
     categories: tuple[int, ...] | None = None  # only these categories
     reuse_prefix: bool = True  # compute the shared dialogue prefix's KV cache once per conversation
+    answer_batch: int = 8  # questions decoded together (padding between the shared prefix and each question)
 
     def questions(self, conversation: Conversation) -> list[Question]:
         chosen = [q for q in conversation.questions if self.categories is None or q.category in self.categories]
@@ -502,11 +503,12 @@ def answer_questions(
     progress: bool = True,
     description: str = "",
 ) -> tuple[list[str], int]:
-    """Greedy short answers (first line of at most `max_new_tokens` tokens), one question at a time.
+    """Greedy short answers (first line of at most `max_new_tokens` tokens), `answer_batch` questions at once.
 
     With `dialogue_ids` the prompt holds as many of the dialogue's last tokens as fit the window with the
     longest question; returns (answers, dialogue tokens in the prompt). ValueError when not even the
-    instruction and the question fit.
+    instruction and the question fit. In a batch, each prompt is the shared prefix (the dialogue), then
+    masked padding, then its question: the answers are those of one question at a time.
     """
     with_context = dialogue_ids is not None
     pieces = [prompt_pieces(tokenizer, question_prompt(q, conversation, with_context, settings)) for q in questions]
@@ -515,35 +517,47 @@ def answer_questions(
     if room < 0:
         raise ValueError(f"a prompt window of {window} tokens cannot hold the questions and the answer")
     kept = list(dialogue_ids or [])[max(0, len(dialogue_ids or []) - room) :]
+    prompts = [before + kept + after for before, after in pieces]
+    # The prefix every prompt shares (the instruction header and the dialogue): computed once, cached.
+    prefix = pieces[0][0] + kept if with_context and all(b == pieces[0][0] for b, _ in pieces) else []
     device = model.device
     prefix_cache, cache_keyword = None, _cache_keyword(model)
+    if prefix and settings.reuse_prefix:
+        with torch.no_grad():
+            output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+        prefix_cache = output["cache"] if "cache" in output else output["past_key_values"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for before, after in tqdm(pieces, desc=description, unit="question", disable=not progress):
-        prefix = before + kept
-        input_ids = torch.tensor([prefix + after], device=device)
-        options = {}
-        if with_context and settings.reuse_prefix:
-            if prefix_cache is None:  # the same prefix for every question of the conversation
-                with torch.no_grad():
-                    output = model(input_ids=input_ids[:, : len(prefix)], use_cache=True, logits_to_keep=1)
-                prefix_cache = output["cache"] if "cache" in output else output["past_key_values"]
-            options[cache_keyword] = copy.deepcopy(prefix_cache)
-        with torch.no_grad():
-            output_ids = generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-                stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, input_ids.shape[1])]),
-                **options,
+    with tqdm(total=len(prompts), desc=description, unit="question", disable=not progress) as bar:
+        for first in range(0, len(prompts), settings.answer_batch):
+            suffixes = [prompt[len(prefix) :] for prompt in prompts[first : first + settings.answer_batch]]
+            longest = max(len(suffix) for suffix in suffixes)
+            input_ids = torch.tensor([prefix + [pad_id] * (longest - len(x)) + x for x in suffixes], device=device)
+            attention_mask = torch.tensor(
+                [[1] * len(prefix) + [0] * (longest - len(x)) + [1] * len(x) for x in suffixes], device=device
             )
-        text = tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True)
-        answers.append(text.strip().split("\n")[0].strip())
+            options = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(suffixes))
+                options[cache_keyword] = cache
+            with torch.no_grad():
+                output_ids = generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad_id,
+                    stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, input_ids.shape[1])]),
+                    **options,
+                )
+            for row in output_ids[:, input_ids.shape[1] :]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text.strip().split("\n")[0].strip())
+            bar.update(len(suffixes))
     return answers, len(kept)
 
 
