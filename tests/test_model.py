@@ -67,6 +67,16 @@ def test_tau_is_mean_output_vector_norm_over_width(family_name):
     expected = raw.norm(dim=1).mean() / 8
     torch.testing.assert_close(locas_model.memory.tau[0], expected.expand(8))
     assert output_scales(model).shape == (2,)
+    # tau_rule "neuron": every slot as strong as an average neuron, whatever the width
+    assert locas_model.memory.metadata["tau_rule"] == "paper"
+    neuron = locas.attach(locas_model.detach(), width=8, tau_rule="neuron")
+    torch.testing.assert_close(neuron.memory.tau[0], (expected * 8).expand(8))
+    assert neuron.memory.metadata["tau_rule"] == "neuron"
+
+
+def test_an_unknown_tau_rule_is_refused():
+    with pytest.raises(ValueError, match="unknown tau rule 'big'; choose one of paper, neuron"):
+        LocasModel(tiny_model("llama"), tau_rule="big")
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])

@@ -95,11 +95,28 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
             )
 
 
-class LocasModel(nn.Module):
-    """A frozen causal LM plus an optional Memory added to every layer's MLP output."""
+# How a new memory's output scale tau is set, per (layer, slot), from the layer's mean backbone output-vector
+# norm. Slots are clipped to unit norm, so under `paper` a memory of any width adds at most about one
+# neuron's output (its capacity does not grow with the width); under `neuron` each slot is as strong as an
+# average backbone neuron, like the neurons a dense merge appends. Either way tau folds into the merged
+# weights, so `to_dense` stays exact.
+TAU_RULES = {
+    "paper": "mean backbone output-vector norm / width",
+    "neuron": "mean backbone output-vector norm",
+}
 
-    def __init__(self, model: PreTrainedModel, memory: Memory | None = None) -> None:
+
+class LocasModel(nn.Module):
+    """A frozen causal LM plus an optional Memory added to every layer's MLP output.
+
+    `tau_rule` (see `TAU_RULES`) sets the output scale of the memories made for it (memorize, attach).
+    """
+
+    def __init__(self, model: PreTrainedModel, memory: Memory | None = None, tau_rule: str = "paper") -> None:
         super().__init__()
+        if tau_rule not in TAU_RULES:
+            raise ValueError(f"unknown tau rule {tau_rule!r}; choose one of {', '.join(TAU_RULES)}")
+        self.tau_rule = tau_rule
         self.family: MLPFamily = family_of(model)
         self.model = model
         self.model.requires_grad_(False)
@@ -205,13 +222,14 @@ class LocasModel(nn.Module):
             "hidden_size": self.model.config.hidden_size,
             "init": init,
             "tokens_memorized": tokens_memorized,
-            "tau_rule": "mean backbone output-vector norm / width",
+            "tau_rule": self.tau_rule,
             "output_scales": [round(v, 6) for v in output_scales(self.model).tolist()],
         }
 
     def default_tau(self, width: int) -> torch.Tensor:
-        """tau per (layer, slot): the layer's mean output-vector norm divided by the width."""
-        return (output_scales(self.model) / width).unsqueeze(1).expand(-1, width).clone()
+        """tau per (layer, slot) under this model's `tau_rule`, shape (layers, width)."""
+        scales = output_scales(self.model) / (width if self.tau_rule == "paper" else 1)
+        return scales.unsqueeze(1).expand(-1, width).clone()
 
     def attach_memory(self, memory: Memory) -> Memory:
         """Check `memory` against the backbone, move it to the backbone's device and make it active."""
@@ -232,13 +250,15 @@ class LocasModel(nn.Module):
         return to_dense(self, self.memory if memory is None else memory, index=index)
 
 
-def attach(model: PreTrainedModel, width: int = 64, memory: Memory | None = None, seed: int = 0) -> LocasModel:
+def attach(
+    model: PreTrainedModel, width: int = 64, memory: Memory | None = None, seed: int = 0, tau_rule: str = "paper"
+) -> LocasModel:
     """Freeze `model` and add a memory to every decoder layer.
 
     Without `memory`, a fresh one of `width` slots is attached: random unit-norm keys and zero values,
     so the model's outputs are exactly the backbone's until the memory is trained or memorized.
     """
-    locas_model = LocasModel(model)
+    locas_model = LocasModel(model, tau_rule=tau_rule)
     if memory is None:
         from locas.memorize import random_memory
 

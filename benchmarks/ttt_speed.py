@@ -1,0 +1,218 @@
+"""Speed of one test-time training step against a forward pass, measured in one run (issue: speed).
+
+For each window W (tokens in one forward: a chunk of W/2 scored tokens after W/2 tokens of context, as
+the online trainer reads a long text), times the median of `--repeats` calls of:
+
+    forward      the backbone, no grad, logits of the chunk (what the `none` method costs per chunk)
+    locas step   the trainer's score-first Locas step (`train_chunk`: forward + backward + AdamW + clipping)
+    lora step    the same step for a TempLoRA adapter of the same rank (peft)
+    memorize     picking and cloning the memory's neurons from one chunk
+    to_dense     merging the memory into a vanilla checkpoint
+    batch B      the Locas step over B documents at once, each with its own memory (tokens/s vs one)
+
+and writes the ratios locas/forward, lora/locas and batched/single throughput, the forward's achieved
+TFLOP/s, and peak memory to JSON, plus a bar chart of the ratios. Models: random-weight Qwen3 shapes
+(`--model qwen3-0.6b|qwen3-1.7b|qwen3-4b`, no download), `tiny` (CPU-sized), or any name or path that
+`locas.default_model.load_model` takes (`default`: the embedded SmolLM2-135M).
+
+    python benchmarks/ttt_speed.py --model tiny --windows 256 1024              # CPU, a minute
+    python benchmarks/ttt_speed.py --model default --windows 1024 --batch 2     # the embedded model
+    python benchmarks/ttt_speed.py --model qwen3-1.7b --dtype bfloat16          # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from locas.memorize import memorize
+from locas.merge import to_dense
+from locas.training.online import OnlineConfig, _optimizer, make_learner, train_chunk
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_SHAPES = {  # hidden, MLP width, layers, attention heads, key/value heads (head_dim 128, vocab 151,936)
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8),
+    "qwen3-4b": (2560, 9728, 36, 32, 8),
+}
+
+
+def build_model(name: str, dtype: torch.dtype, device: str):
+    """A random-weight model of a known shape, or a real one through locas' loader."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    if name == "tiny" or name in QWEN3_SHAPES:
+        hidden, width, layers, heads, kv_heads = QWEN3_SHAPES.get(name, (256, 768, 4, 4, 2))
+        config = Qwen3Config(
+            vocab_size=151_936 if name != "tiny" else 8192,
+            hidden_size=hidden,
+            intermediate_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=128 if name != "tiny" else 64,
+            max_position_embeddings=40_960,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
+    from locas.default_model import load_model
+
+    model, _ = load_model(None if name == "default" else name, dtype=dtype, device=device)
+    return model
+
+
+def median_seconds(function: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        started = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def forward_flops(model, tokens: int, kept: int) -> float:
+    """Multiply-adds x 2 of one forward: the decoder's matrices, causal attention scores, the kept logits."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    decoder = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * tokens * tokens  # QK^T + AV, /2
+    return 2.0 * decoder * tokens + attention + 2.0 * kept * embedding.numel()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (Linux: KiB)
+
+
+def measure_window(model, window: int, args, device: torch.device) -> dict:
+    chunk = window // 2
+    generator = torch.Generator().manual_seed(window)
+    documents = [torch.randint(0, model.config.vocab_size, (window,), generator=generator) for _ in range(args.batch)]
+    start = window - chunk  # the last chunk: `chunk` scored tokens after `window - chunk` of context
+    common = dict(chunk_size=chunk, context_window=window - chunk, steps_per_chunk=1)
+    row: dict = {"window": window, "chunk": chunk}
+
+    def step_timer(method: str, rows: list[int], **options) -> float:
+        config = OnlineConfig(method=method, **common, **options).resolved()
+        learner = make_learner(model, config, batch_size=len(rows))
+        try:
+            learner.prepare(config.memorize_at, [documents[r][:chunk] for r in rows], rows)
+            optimizer = _optimizer(learner.parameters(), config)
+            return median_seconds(
+                lambda: train_chunk(learner, optimizer, documents, rows, start, config), args.repeats, device
+            )
+        finally:
+            learner.close()
+
+    input_ids = documents[0].unsqueeze(0).to(device)
+    with torch.no_grad():
+        row["forward_s"] = median_seconds(
+            lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=chunk + 1), args.repeats, device
+        )
+    row["locas_step_s"] = step_timer("locas", [0], width=args.rank)
+    row["lora_step_s"] = step_timer("lora", [0], lora_rank=args.rank, lora_alpha=float(args.rank))
+    if args.batch > 1:
+        row["batch"] = args.batch
+        row["locas_batch_step_s"] = step_timer("locas", list(range(args.batch)), width=args.rank)
+        row["batch_speedup"] = args.batch * row["locas_step_s"] / row["locas_batch_step_s"]
+
+    from locas.model import LocasModel
+
+    locas_model = LocasModel(model)
+    try:
+        with torch.no_grad():
+            row["memorize_s"] = median_seconds(
+                lambda: memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank), args.repeats, device
+            )
+            memory = memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank)
+            row["to_dense_s"] = median_seconds(lambda: to_dense(locas_model, memory), 1, device)
+    finally:
+        locas_model.detach()
+    row["locas_over_forward"] = row["locas_step_s"] / row["forward_s"]
+    row["lora_over_locas"] = row["lora_step_s"] / row["locas_step_s"]
+    row["forward_tflops"] = forward_flops(model, window, chunk + 1) / row["forward_s"] / 1e12
+    row["peak_memory_gib"] = peak_memory_gib(device)
+    return row
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["windows"]
+    labels = ["locas step / forward", "lora step / forward"] + (["batch speed-up / B"] if "batch" in rows[0] else [])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        values = [row["locas_over_forward"], row["lora_step_s"] / row["forward_s"]]
+        if "batch" in row:
+            values.append(row["batch_speedup"] / row["batch"])
+        positions = [i + index * width for i in range(len(values))]
+        axis.bar(positions, values, width, label=f"window {row['window']}")
+    axis.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(labels))], labels)
+    axis.axhline(2.2, color="gray", linestyle="--", linewidth=1)
+    axis.set_ylabel("ratio")
+    axis.set_title(f"{results['model']} ({results['dtype']}, {results['device']}), r={results['rank']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b, default, or a path")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096], help="tokens per forward")
+    parser.add_argument("--rank", type=int, default=64, help="memory width = LoRA rank")
+    parser.add_argument("--batch", type=int, default=8, help="documents in the batched step (1: skip)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model = build_model(args.model, getattr(torch, args.dtype), args.device)
+    results = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "rank": args.rank,
+        "torch": torch.__version__,
+        "windows": [],
+    }
+    for window in args.windows:
+        row = measure_window(model, window, args, device)
+        results["windows"].append(row)
+        print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
