@@ -17,7 +17,6 @@ a folder of other settings is refused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from locas.default_model import load_model
 from locas.evaluation import forgetting, mmlu
 from locas.evaluation.pg19 import open_state_folder, read_book, write_json
-from locas.training.online import OnlineConfig
+from locas.training.online import OnlineConfig, same_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -58,7 +57,7 @@ def run_method(model, tokenizer, args, method: str, book, subjects, probes, base
     finished = args.out / f"{method}.json"
     if finished.exists():
         row = json.loads(finished.read_text(encoding="utf-8"))
-        if row["config"] != dataclasses.asdict(config):
+        if not same_settings(row["config"], config):
             raise ValueError(f"{finished} was run with other settings; delete it or choose another --out")
         return row
     row = forgetting.evaluate_forgetting(

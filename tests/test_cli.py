@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import locas.training
 from locas.cli import main
 from locas.memory import Memory
+from locas.training import grpo
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
@@ -116,6 +117,45 @@ def test_memorize_writes_a_memory_and_the_loss_goes_down(files: dict) -> None:
     assert memory.metadata["train_steps"] == 3
     assert memory.down.abs().sum() > 0  # trained values
     assert [p.name for p in files["memory"].parent.iterdir() if p.name.endswith(".partial")] == []
+
+
+GRPO_FLAGS = ["--grpo-prompt-tokens", "8", "--grpo-continuation-tokens", "4", "--grpo-max-new-tokens", "4"]
+GRPO_FLAGS += ["--grpo-group-size", "3", "--grpo-prompts-per-chunk", "2"]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "ntp+grpo"])
+def test_memorize_with_grpo_trains_recall_of_the_text(files: dict, tmp_path: Path, loss: str, monkeypatch, capsys):
+    """--loss picks what --train-steps trains; GRPO's reward is a dense stand-in for token F1 here (which a
+    random model almost never earns, leaving nothing to learn from), so that the memory must move."""
+    rewarded = []
+
+    def low_tokens(tokenizer):
+        return lambda completion, continuation: (
+            rewarded.append(continuation) or (completion < 160).float().mean().item()
+        )
+
+    monkeypatch.setattr(grpo, "recall_reward", low_tokens)
+    out = tmp_path / "recall.safetensors"
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW, *GRPO_FLAGS]
+    code, stdout, err = run(capsys, *argv, "--train-steps", "2", "--loss", loss, "--lr", "0.05")
+    assert code == 0, err
+    match = re.search(r"recall reward \(token F1\) (\d\.\d{3}) -> (\d\.\d{3}) over 2 GRPO steps", stdout)
+    assert match and all(0 <= float(value) <= 1 for value in match.groups()), stdout
+    assert ("training loss" in stdout) == (loss == "ntp+grpo")  # NTP steps only with ntp+grpo
+    # 2 prompts x 3 samples, sampled 4 times: the reward before, each of the 2 steps, the reward after
+    assert len(rewarded) == 4 * 2 * 3 and {len(continuation) for continuation in rewarded} == {4}
+    memory = Memory.load(out)
+    assert memory.down.abs().sum() > 0  # trained (memorize leaves the values at 0)
+    assert (memory.metadata["loss"], memory.metadata["train_steps"]) == (loss, 2)
+    assert (memory.metadata["grpo"]["prompt_tokens"], memory.metadata["grpo"]["group_size"]) == (8, 3)
+
+
+def test_memorize_with_grpo_refuses_a_text_shorter_than_one_recall_prompt(files: dict, tmp_path: Path, capsys):
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors"]
+    code, _, err = run(capsys, *argv, "--train-steps", "1", "--loss", "grpo", "--max-tokens", "20")
+    assert code == 2
+    error_line(err, "memorize", "the text has 20 tokens", "--grpo-prompt-tokens 64", "--grpo-continuation-tokens 16")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_nll_is_lower_with_the_trained_memory(files: dict, capsys) -> None:
@@ -408,6 +448,12 @@ def test_generate_refuses_an_empty_prompt_and_chat_without_template(files: dict,
         (["--max-tokens", "0"], ["argument --max-tokens", "at least 2"]),
         (["--dtype", "int8"], ["argument --dtype", "invalid choice"]),
         (["--device", "toaster"], ["argument --device", "'toaster'", "not a torch device"]),
+        (["--loss", "sd"], ["argument --loss", "invalid choice", "'sd'", "ntp+grpo"]),
+        (["--grpo-group-size", "1"], ["argument --grpo-group-size", "at least 2", "got 1"]),
+        (["--grpo-clip-epsilon", "1"], ["argument --grpo-clip-epsilon", ">= 0 and < 1"]),
+        (["--grpo-beta", "-0.1"], ["argument --grpo-beta", "must be a number >= 0"]),
+        (["--grpo-temperature", "0"], ["argument --grpo-temperature", "must be a positive number"]),
+        (["--grpo-prompt-tokens", "0"], ["argument --grpo-prompt-tokens", "must be a positive integer"]),
     ],
 )
 def test_bad_memorize_flags_exit_2_before_doing_anything(

@@ -225,3 +225,40 @@ def test_grpo_train_chunk_asks_for_the_chunks_continuations(monkeypatch):
     assert [a.tolist() for a in kwargs["answers"]] == [continuation.tolist() for _, continuation in expected]
     text = torch.tensor(tokenizer.encode(" lazy dog"))
     assert reward_fn(text, text) == 1.0
+
+
+def test_mean_recall_reward_samples_what_grpo_train_chunk_trains_on_without_training(tmp_path, monkeypatch):
+    # a reward that tells samples apart (token F1 of a random model's samples is almost always 0)
+    monkeypatch.setattr(grpo, "recall_reward", lambda tokenizer: lambda sample, truth: (sample < 160).float().mean())
+    tokenizer = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, tokenizer, hidden_size=32, seed=0))
+    locas_model = attach(model.eval(), width=8)
+    with torch.no_grad():
+        locas_model.memory.down.normal_(generator=torch.Generator().manual_seed(0))
+    down = locas_model.memory.down.detach().clone()
+    chunk = torch.tensor(tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4))
+    settings = GrpoSettings(group_size=4, max_new_tokens=6, prompt_tokens=3, continuation_tokens=6, seed=2)
+
+    measured = grpo.mean_recall_reward(locas_model, chunk, tokenizer, settings, chunk_index=5)
+    assert grpo.mean_recall_reward(locas_model, chunk, tokenizer, settings, chunk_index=6) != measured  # other draws
+    assert torch.equal(locas_model.memory.down, down)  # nothing trained
+    optimizer = torch.optim.Adam(locas_model.memory.parameters(), lr=1e-2)
+    trained = grpo_train_chunk(locas_model, optimizer, chunk, tokenizer, settings, chunk_index=5)
+    assert trained["reward"] == measured  # the same prompts and samples
+    assert grpo.mean_recall_reward(locas_model, chunk[:8], tokenizer, settings) is None
+
+
+def test_grpo_train_text_takes_fresh_prompts_and_samples_each_step(monkeypatch):
+    calls = []
+    monkeypatch.setattr(grpo, "grpo_train_chunk", lambda *args: calls.append(args) or {"reward": 0.5})
+    locas_model = memory_model()
+    text = torch.arange(30)
+    settings = GrpoSettings(prompt_tokens=6, continuation_tokens=4)
+    stats = grpo.grpo_train_text(locas_model, text, "tokenizer", settings, steps=3, progress=False)
+    assert stats == [{"reward": 0.5}] * 3
+    assert [call[-1] for call in calls] == [0, 1, 2]  # the chunk index seeds each step's prompts and samples
+    assert all(call[2] is text and call[5] == locas_model.memory.clip_ for call in calls)
+    optimizers = {id(call[1]) for call in calls}
+    assert len(optimizers) == 1  # one AdamW across the steps
+    with pytest.raises(ValueError, match="the text has 9 tokens, fewer than one recall prompt"):
+        grpo.grpo_train_text(locas_model, text[:9], "tokenizer", settings, steps=1, progress=False)

@@ -15,10 +15,12 @@ from cli_fixtures import save_tiny_model, tiny_tokenizer
 from test_cli import error_line, run, usage_error
 from test_locomo import synthetic
 from test_pg19 import run_quietly
+from transformers import AutoTokenizer
 
 import locas.default_model
 from locas.evaluation import locomo
 from locas.memory import Memory
+from locas.training import online
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
@@ -124,6 +126,34 @@ def test_a_later_run_reuses_the_memories_and_selects_conversations_and_questions
     assert "trained locas 0.0s (loaded), lora 0.0s (loaded)" in stdout
 
 
+def test_ttt_loss_grpo_trains_the_memory_on_recall_of_the_dialogue_alone(
+    files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    train, chunks = online.grpo_train_chunk, []
+
+    def recording(locas_model, optimizer, chunk_ids, tokenizer, *args, **kwargs):
+        chunks.append(chunk_ids.tolist())
+        return train(locas_model, optimizer, chunk_ids, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(online, "grpo_train_chunk", recording)
+    out = tmp_path / "run"
+    argv = ["eval", "locomo", files["data"], "--model", files["model"], "--method", "locas", "--conversations", "0"]
+    grpo = ["--ttt-loss", "grpo", "--grpo-prompt-tokens", "12", "--grpo-continuation-tokens", "4"]
+    grpo += ["--grpo-max-new-tokens", "4", "--grpo-group-size", "2", "--grpo-prompts-per-chunk", "2"]
+    code, stdout, err = run(capsys, *argv, *TINY, *grpo, "--out", out)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    training = results["settings"]["training"]["locas"]
+    assert (training["loss"], training["steps_per_chunk"], training["grpo_prompt_tokens"]) == ("grpo", 0, 12)
+    assert results["scores"]["locas"]["questions"] == 5
+    # Every chunk GRPO saw, in order, makes up the rendered dialogue: the prompts never hold a question.
+    conversation = locomo.load_locomo(files["data"], ["conv-a"])[0]
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    dialogue = tokenizer(locomo.render_dialogue(conversation), add_special_tokens=False).input_ids
+    assert len(chunks) > 1 and [token for chunk in chunks for token in chunk] == dialogue
+    assert Memory.load(out / "memories/conv-a.safetensors").metadata["online_config"]["loss"] == "grpo"
+
+
 def test_ctrl_c_exits_130_and_keeps_the_memories_trained_so_far(
     files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -191,6 +221,7 @@ def ten_conversations() -> list[dict]:
         ("{data}", ["--conversations", "0,conv-a"], ["conversation conv-a is given twice"]),
         ("{data}", ["--conversations", "1", "--categories", "3,5"], ["--categories selects no question"]),
         ("{data}", ["--context-window", "8"], ["chunk_size 48 is larger than context_window 8"]),
+        ("{data}", ["--method", "lora", "--ttt-loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"]),
         ("{data}", ["--out", "{file}"], ["is a file; name a folder"]),
         ("{data}", ["--out", "{no_folder}"], ["does not exist; create it first"]),
     ],
@@ -231,6 +262,7 @@ def test_refusals_are_one_line_before_the_model_loads(
         (["--prompt-window", "-5"], ["argument --prompt-window", "must be a positive integer"]),
         (["--context-mode", "session"], ["argument --context-mode", "invalid choice"]),
         (["--ttt-loss", "kl"], ["argument --loss/--ttt-loss", "invalid choice"]),
+        (["--grpo-group-size", "1"], ["argument --grpo-group-size", "at least 2"]),
         (["--chunk-size", "1"], ["argument --chunk-size", "at least 2"]),
         (["--lr", "0"], ["argument --lr", "must be a positive number"]),
     ],

@@ -2,10 +2,22 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from cli_fixtures import TEXT, save_tiny_model, tiny_tokenizer
 from conftest import tiny_model
+from transformers import AutoModelForCausalLM
 
+from locas.training import grpo
 from locas.training.losses import LossInputs, mix, ntp, sd
-from locas.training.online import ChunkRecord, OnlineConfig, chunk_spans, run_online, run_online_batch
+from locas.training.online import (
+    GRPO_LOSSES,
+    ChunkRecord,
+    OnlineConfig,
+    chunk_spans,
+    run_online,
+    run_online_batch,
+    same_settings,
+)
 
 SMALL = dict(chunk_size=16, context_window=16, width=8, lora_rank=4)
 
@@ -267,3 +279,140 @@ def test_a_batched_run_resumes_and_lora_refuses_a_batch(tmp_path, one_thread):
         run_online_batch(tiny_model("llama"), documents, OnlineConfig(method="lora", **SMALL), progress=False)
     with pytest.raises(ValueError, match="document 1 has 10 tokens"):
         run_online_batch(tiny_model("llama"), [stream(40), stream(10)], config, progress=False)
+
+
+# --- GRPO as the training loss -----------------------------------------------------------------------
+
+GRPO_SMALL = dict(
+    SMALL,
+    lr=5e-2,
+    grpo_group_size=3,
+    grpo_prompts_per_chunk=2,
+    grpo_prompt_tokens=6,
+    grpo_continuation_tokens=4,
+    grpo_max_new_tokens=4,
+)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """(a function giving a fresh tiny model with a real tokenizer, the tokenizer, the text's first 100 tokens:
+    6 chunks of 16 and a last chunk of 4, too short for a recall prompt of 6 + 4)."""
+    tokenizer = tiny_tokenizer()
+    folder = save_tiny_model(tmp_path_factory.mktemp("grpo"), tokenizer, hidden_size=32, seed=0)
+    return (
+        lambda: AutoModelForCausalLM.from_pretrained(folder).eval(),
+        tokenizer,
+        torch.tensor(tokenizer.encode(TEXT)[:100]),
+    )
+
+
+@pytest.fixture
+def dense_reward(monkeypatch):
+    """Token F1 is almost never earned by a random model (all rewards 0: no gradient); this stand-in rewards
+    the share of low token ids, so that every group's samples differ and GRPO moves the memory. Records the
+    tokenizer the trainer passed."""
+    tokenizers = []
+
+    def reward_of(tokenizer):
+        tokenizers.append(tokenizer)
+        return lambda completion_ids, continuation_ids: (completion_ids < 160).float().mean().item()
+
+    monkeypatch.setattr(grpo, "recall_reward", reward_of)
+    return tokenizers
+
+
+def test_grpo_losses_are_refused_where_they_cannot_run(text_model):
+    new_model, tokenizer, tokens = text_model
+    with pytest.raises(ValueError, match="loss 'grpo' trains a Locas memory"):
+        OnlineConfig(method="lora", loss="grpo").resolved()
+    with pytest.raises(ValueError, match="loss 'grpo' has no token-loss steps; use loss 'ntp\\+grpo'"):
+        OnlineConfig(loss="grpo", steps_per_chunk=2).resolved()
+    with pytest.raises(ValueError, match="grpo_group_size must be at least 2"):
+        OnlineConfig(loss="ntp+grpo", grpo_group_size=1).resolved()
+    with pytest.raises(ValueError, match="grpo_clip_epsilon must be in"):
+        OnlineConfig(loss="grpo", grpo_clip_epsilon=1.0).resolved()
+    for loss in GRPO_LOSSES:
+        config = OnlineConfig(loss=loss, **GRPO_SMALL)
+        with pytest.raises(ValueError, match="pass the model's tokenizer"):
+            run_online(new_model(), tokens, config, progress=False)
+        with pytest.raises(ValueError, match="one document at a time"):
+            run_online_batch(new_model(), [tokens, tokens], config, progress=False, tokenizer=tokenizer)
+
+
+def test_unused_grpo_options_do_not_tell_runs_apart():
+    assert OnlineConfig(grpo_beta=0.5, grpo_group_size=8).resolved() == OnlineConfig().resolved()  # loss ntp
+    assert OnlineConfig(loss="grpo", grpo_beta=0.5).resolved() != OnlineConfig(loss="grpo").resolved()
+    assert OnlineConfig(loss="ntp+grpo", grpo_beta=0.5).resolved() != OnlineConfig(loss="ntp+grpo").resolved()
+    none = OnlineConfig(method="none", loss="grpo", grpo_beta=0.5).resolved()  # none trains nothing: no loss
+    assert none == OnlineConfig(method="none").resolved()
+    assert OnlineConfig(loss="grpo").resolved().steps_per_chunk == 0  # GRPO alone has no token-loss steps
+    assert OnlineConfig(loss="ntp+grpo").resolved().steps_per_chunk == 1
+    settings = OnlineConfig(loss="grpo", grpo_temperature=0.7, grpo_prompt_tokens=9, seed=5).grpo_settings()
+    assert (settings.temperature, settings.prompt_tokens, settings.seed, settings.group_size) == (0.7, 9, 5, 4)
+
+
+@pytest.mark.parametrize("loss", GRPO_LOSSES)
+def test_grpo_scores_each_chunk_before_training_on_it_and_changes_the_memory(loss, text_model, dense_reward):
+    new_model, tokenizer, tokens = text_model
+    config = OnlineConfig(loss=loss, **GRPO_SMALL)
+    snapshots = []
+
+    def snapshot(record, learner):  # the next chunk's NLL with the memory as it stands after this chunk
+        start, end = record.end, min(record.end + 16, tokens.numel())
+        if start < tokens.numel():
+            with torch.no_grad():
+                logits = learner.logits(tokens[max(0, start - 16) : end].unsqueeze(0), end - start + 1)[:, :-1]
+            snapshots.append(F.cross_entropy(logits[0], tokens[start:end], reduction="sum").item())
+
+    result = run_online(new_model(), tokens, config, progress=False, on_chunk=snapshot, tokenizer=tokenizer)
+    assert dense_reward and all(seen is tokenizer for seen in dense_reward)
+    assert scores(result)[1:] == pytest.approx(snapshots, rel=1e-5)
+    untrained = run_online(new_model(), tokens, OnlineConfig(method="none", **SMALL), progress=False)
+    assert scores(result)[0] == pytest.approx(scores(untrained)[0], rel=1e-6)  # zero memory: the backbone's
+    assert scores(result)[2] != pytest.approx(scores(untrained)[2], rel=1e-6)
+
+    rewards = [r.grpo_reward for r in result.records]
+    assert all(0 <= reward <= 1 for reward in rewards[:-1]) and rewards[-1] is None  # last chunk: 4 tokens
+    ntp_only = run_online(new_model(), tokens, dataclasses.replace(config, loss="ntp"), progress=False)
+    assert not torch.equal(result.memory.down, ntp_only.memory.down)
+    if loss == "grpo":  # the memory learnt from GRPO alone; `loss` is GRPO's, before any update on the chunk
+        assert result.memory.down.abs().sum() > 0
+        assert result.records[0].grpo_kl == 0.0  # zero memory: the policy is the memory-less reference
+        assert result.records[0].loss == pytest.approx(0.0, abs=1e-6)  # ratio 1, group-centred advantages
+        assert result.records[-1].loss is None
+    else:  # `loss` is the first NTP step's, which also gave the score
+        assert result.records[0].loss == pytest.approx(result.records[0].nll_sum / 15, rel=1e-6)
+        assert result.records[-1].loss is not None
+
+
+@pytest.mark.parametrize("loss", GRPO_LOSSES)
+def test_a_grpo_run_resumes_with_the_same_samples_and_numbers(loss, text_model, dense_reward, tmp_path):
+    new_model, tokenizer, tokens = text_model
+    config = OnlineConfig(loss=loss, **GRPO_SMALL)
+    whole = run_online(new_model(), tokens, config, progress=False, tokenizer=tokenizer)
+
+    def interrupt(record, learner):
+        if record.index == 4:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.pt"
+    options = dict(state_path=state, save_every=2, progress=False, tokenizer=tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        run_online(new_model(), tokens, config, on_chunk=interrupt, **options)
+    assert len(torch.load(state, weights_only=False)["records"][0]) == 4  # chunks 4-6 run again
+    torch.manual_seed(99)  # the samples are seeded by the run, whatever the caller's random state
+    resumed = run_online(new_model(), tokens, config, **options)
+    assert scores(resumed) == scores(whole)
+    assert [r.grpo_reward for r in resumed.records] == [r.grpo_reward for r in whole.records]
+    assert torch.equal(resumed.memory.down, whole.memory.down)
+    with pytest.raises(ValueError, match="used other settings"):
+        run_online(new_model(), tokens, dataclasses.replace(config, grpo_beta=0.5), **options)
+
+
+def test_a_state_saved_before_the_grpo_options_existed_still_resumes(tmp_path):
+    config = OnlineConfig(method="locas", lr=1e-2, **SMALL).resolved()
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if not k.startswith("grpo_")}
+    assert same_settings(saved, config) and same_settings(dataclasses.asdict(config), config)
+    assert not same_settings({**saved, "width": 3}, config)
+    assert not same_settings({**saved, "an_option_from_the_future": 1}, config) and not same_settings(None, config)

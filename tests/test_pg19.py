@@ -17,7 +17,7 @@ from test_cli import error_line, run, usage_error
 import locas.default_model
 from locas.cli import main
 from locas.evaluation import pg19
-from locas.training import online
+from locas.training import grpo, online
 from locas.training.online import ChunkRecord, OnlineConfig, OnlineResult, chunk_spans
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
@@ -304,6 +304,8 @@ def test_saved_state_of_other_settings_is_refused(full_run: dict, flags: list[st
         ([], ["--method", "locas:biggest"], ["unknown memory_init 'biggest'"], True),
         ([], ["--method", "none", "--method", "none"], ["'none' is given twice"], True),
         ([], ["--method", "locas", "--context-window", "8"], ["chunk_size 16 is larger than context_window 8"], True),
+        ([], ["--method", "lora", "--loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"], True),
+        ([], ["--method", "locas", "--loss", "grpo", "--steps-per-chunk", "2"], ["use loss 'ntp+grpo'"], True),
         (
             [],
             ["--method", "none", "--max-tokens", "8"],
@@ -368,6 +370,8 @@ def test_bad_out_path(files: dict, tmp_path: Path, out: str, fragments: list[str
         (["--mix-alpha", "1.5"], ["argument --mix-alpha", "between 0 and 1"]),
         (["--save-every", "0"], ["argument --save-every", "must be a positive integer"]),
         (["--loss", "kl"], ["argument --loss", "invalid choice"]),
+        (["--grpo-clip-epsilon", "-0.1"], ["argument --grpo-clip-epsilon", ">= 0 and < 1"]),
+        (["--grpo-updates-per-batch", "0"], ["argument --grpo-updates-per-batch", "must be a positive integer"]),
         (["--init", "biggest"], ["argument --init", "invalid choice"]),
     ],
 )
@@ -398,3 +402,30 @@ def test_books_adapted_in_one_batch_give_each_books_own_numbers(files: dict, ful
             again = batched["books"][name][label]
             assert again["batch_books"] == (1 if label == "lora" else 2)
             assert again["nll_sum"] == pytest.approx(row["nll_sum"], rel=1e-5), (name, label)
+
+
+GRPO = ["--grpo-prompt-tokens", "8", "--grpo-continuation-tokens", "4", "--grpo-max-new-tokens", "4"]
+GRPO += ["--grpo-group-size", "2", "--grpo-prompts-per-chunk", "2"]
+
+
+def test_eval_pg19_trains_locas_with_grpo(files: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    # a dense stand-in for token F1, which a random model almost never earns (no reward, nothing learnt)
+    monkeypatch.setattr(grpo, "recall_reward", lambda tokenizer: lambda sample, truth: (sample < 160).float().mean())
+    out = tmp_path / "grpo.json"
+    argv = ["eval", "pg19", files["a"], "--model", files["model"], "--method", "none", "--method", "locas", *TINY]
+    code, _, err = run(capsys, *argv, "--loss", "grpo", *GRPO, "--out", out)
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    locas = results["methods"]["locas"]
+    assert (locas["loss"], locas["steps_per_chunk"], locas["grpo_group_size"]) == ("grpo", 0, 2)
+    assert results["methods"]["none"]["loss"] == "ntp"  # trains nothing: the GRPO options do not label it
+    rows = results["books"]["a"]
+    assert rows["locas"]["curve"]["ppl"][0] == pytest.approx(rows["none"]["curve"]["ppl"][0], rel=1e-5)
+    assert rows["locas"]["nll_sum"] != pytest.approx(rows["none"]["nll_sum"], rel=1e-6)  # GRPO moved the memory
+
+
+def test_grpo_adapts_one_book_at_a_time(files: dict, tmp_path: Path, capsys) -> None:
+    argv = ["eval", "pg19", files["a"], files["b"], "--model", files["model"], "--method", "locas", *TINY, *GRPO]
+    code, _, err = run(capsys, *argv, "--loss", "ntp+grpo", "--batch-books", "2", "--out", tmp_path / "r.json")
+    assert code == 2
+    error_line(err, "eval pg19", "loss 'ntp+grpo' trains one document at a time", "not 2")

@@ -56,6 +56,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
+    return value
+
+
+def group_size(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (advantages compare a prompt's samples), got {value}")
+    return value
+
+
+def clip_range(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -175,12 +196,21 @@ def _check_output_path(path: Path, suffix: str | None = None) -> None:
 def command_memorize(args) -> None:
     from locas.data import read_text
     from locas.training import train_on_windows
+    from locas.training.grpo import grpo_train_text, mean_recall_reward
 
     out = Path(args.out)
     _check_output_path(out, ".safetensors")
+    objective = _online_config(args)  # --loss and the --grpo-* options: what --train-steps trains
+    grpo = objective.grpo_settings() if args.train_steps and objective.uses_grpo else None
     text = read_text(args.text_file)
     model, tokenizer = _load(args)
     token_ids = _tokens(tokenizer, text, args.text_file, args.max_tokens)
+    if grpo and token_ids.numel() < grpo.prompt_tokens + grpo.continuation_tokens:
+        raise CommandError(
+            f"--loss {args.loss}: the text has {token_ids.numel()} tokens, fewer than one recall prompt and its "
+            f"continuation (--grpo-prompt-tokens {grpo.prompt_tokens} + --grpo-continuation-tokens "
+            f"{grpo.continuation_tokens}); lower them or use a longer text"
+        )
     input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
     locas_model = _locas_model(model, None)
     memory = locas_model.memorize(
@@ -192,10 +222,22 @@ def command_memorize(args) -> None:
     )
     print(f"memorized {token_ids.numel()} tokens into {memory.width} slots x {memory.num_layers} layers ({args.init})")
     if args.train_steps:
-        losses = train_on_windows(locas_model, input_ids, attention_mask, steps=args.train_steps, lr=args.lr)
-        after = _score(locas_model, tokenizer, input_ids, attention_mask)
-        print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {args.train_steps} steps")
-        memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss="ntp")
+        rewards = []  # GRPO's: on its first step's prompts and samples, before and after all training
+        if grpo:
+            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo))
+        if objective.token_loss:
+            losses = train_on_windows(locas_model, input_ids, attention_mask, steps=args.train_steps, lr=args.lr)
+        if grpo:
+            grpo_train_text(locas_model, token_ids, tokenizer, grpo, args.train_steps, lr=args.lr)
+            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo))
+        if objective.token_loss:
+            after = _score(locas_model, tokenizer, input_ids, attention_mask)
+            print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {args.train_steps} steps")
+        if grpo:
+            print(f"recall reward (token F1) {rewards[0]:.3f} -> {rewards[1]:.3f} over {args.train_steps} GRPO steps")
+        memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss=args.loss)
+        if grpo:
+            memory.metadata.update(grpo=dataclasses.asdict(grpo))
     memory.save(out)
     print(f"wrote {out}")
 
@@ -498,6 +540,7 @@ def command_eval_forgetting(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from locas.memorize import MEMORY_INITS
+    from locas.training.online import GRPO_LOSSES
 
     parser = argparse.ArgumentParser(prog="locas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -521,9 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
     memorize.add_argument("--width", type=positive_int, default=64, help="memory slots per layer")
     memorize.add_argument("--init", default="highest", choices=MEMORY_INITS)
-    memorize.add_argument("--train-steps", type=non_negative_int, default=0, help="NTP steps on the text after")
+    memorize.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=0,
+        help="training steps of --loss after memorizing (ntp+grpo: N NTP steps, then N GRPO steps)",
+    )
+    memorize.add_argument(
+        "--loss",
+        default="ntp",
+        choices=["ntp", *GRPO_LOSSES],
+        help="what --train-steps trains: ntp (next-token loss on the text), grpo (recalling passages of the text, "
+        "rewarded by token F1) or ntp+grpo",
+    )
     memorize.add_argument("--lr", type=positive_float, default=4e-3)
-    memorize.add_argument("--seed", type=int, default=0)
+    memorize.add_argument("--seed", type=int, default=0, help="random inits and GRPO's prompts and samples")
+    _add_grpo_options(memorize.add_argument_group("GRPO (--loss grpo, ntp+grpo)"), "each step")
     memorize.set_defaults(run=command_memorize)
 
     nll = commands.add_parser("nll", parents=[model_options, text_options], help="perplexity and bits per byte")
@@ -559,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _trainer_options() -> argparse.ArgumentParser:
     """The online trainer's options, named after `OnlineConfig`'s fields, shared by the benchmarks."""
     from locas.memorize import MEMORY_INITS
-    from locas.training.losses import LOSSES
+    from locas.training.online import TRAINING_LOSSES
 
     parser = argparse.ArgumentParser(add_help=False)
     options = parser.add_argument_group("online training (each method's memory or adapter)")
@@ -575,16 +631,88 @@ def _trainer_options() -> argparse.ArgumentParser:
     options.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")
     options.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
     options.add_argument("--lr", type=positive_float, default=None, help="default: locas 4e-3, lora 5e-5")
-    options.add_argument("--steps-per-chunk", type=non_negative_int, default=None, help="default: locas 1, lora 2")
     options.add_argument(
-        "--loss", "--ttt-loss", default="ntp", choices=list(LOSSES), help="ntp, sd (self-distillation) or mix"
+        "--steps-per-chunk",
+        type=non_negative_int,
+        default=None,
+        help="steps of the token loss (ntp, sd, mix; ntp+grpo's NTP) per chunk; default: locas 1, lora 2, grpo 0",
+    )
+    options.add_argument(
+        "--loss",
+        "--ttt-loss",
+        default="ntp",
+        choices=TRAINING_LOSSES,
+        help="ntp, sd (self-distillation), mix, grpo (locas: GRPO on recalling passages of each chunk, rewarded "
+        "by token F1) or ntp+grpo (each chunk's NTP steps, then GRPO)",
     )
     options.add_argument("--teacher-window", type=positive_int, default=None, help="sd/mix: default 4 x window")
     options.add_argument("--mix-alpha", type=fraction, default=0.5, help="mix: weight of the NTP loss")
     options.add_argument("--lora-rank", type=positive_int, default=64, help="lora: adapter rank")
     options.add_argument("--lora-alpha", type=positive_float, default=64.0, help="lora: adapter scale")
-    options.add_argument("--seed", type=int, default=0, help="locas random inits, lora adapter init")
+    options.add_argument("--seed", type=int, default=0, help="locas random inits and GRPO samples, lora adapter init")
+    _add_grpo_options(parser.add_argument_group("GRPO of a locas memory (--loss grpo, ntp+grpo)"), "each chunk")
     return parser
+
+
+def _add_grpo_options(group, batch: str) -> None:
+    """The --grpo-* options (`OnlineConfig`'s grpo_ fields, with its defaults); `batch`: what one GRPO batch is of."""
+    from locas.training.online import OnlineConfig
+
+    default = OnlineConfig()
+    group.add_argument(
+        "--grpo-prompts-per-chunk",
+        type=positive_int,
+        default=default.grpo_prompts_per_chunk,
+        help=f"grpo: recall prompts cut from the text for {batch} (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-prompt-tokens",
+        type=positive_int,
+        default=default.grpo_prompt_tokens,
+        help="grpo: tokens per prompt (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-continuation-tokens",
+        type=positive_int,
+        default=default.grpo_continuation_tokens,
+        help="grpo: tokens of the true continuation that a sample is scored against (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-group-size",
+        type=group_size,
+        default=default.grpo_group_size,
+        help="grpo: continuations sampled per prompt (>= 2; default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-max-new-tokens",
+        type=positive_int,
+        default=default.grpo_max_new_tokens,
+        help="grpo: tokens sampled per continuation (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-temperature",
+        type=positive_float,
+        default=default.grpo_temperature,
+        help="grpo: sampling temperature (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-clip-epsilon",
+        type=clip_range,
+        default=default.grpo_clip_epsilon,
+        help="grpo: PPO clip of the probability ratio, in [0, 1) (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-beta",
+        type=non_negative_float,
+        default=default.grpo_beta,
+        help="grpo: weight of the KL to the model without memory (default %(default)s)",
+    )
+    group.add_argument(
+        "--grpo-updates-per-batch",
+        type=positive_int,
+        default=default.grpo_updates_per_batch,
+        help="grpo: optimiser steps on each sampled batch (default %(default)s)",
+    )
 
 
 PG19_DESCRIPTION = """\

@@ -183,6 +183,7 @@ def evaluate_forgetting(
         save_every=save_every,
         progress=progress,
         description=f"{book.name} {config.method}",
+        tokenizer=tokenizer,
     )
     with trained(model, result):  # the memory's hooks (adapter's layers) sit inside `model` for the block
         adapted = measure(model, tokenizer, subjects, probes, **options, label=config.method)

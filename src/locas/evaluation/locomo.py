@@ -17,7 +17,9 @@ One memory (adapter) per conversation and method, trained once and used for all 
 output folder it is kept there, `memories/<sample_id>.safetensors` (a locas memory file) and
 `adapters/<sample_id>.pt` (the LoRA adapter's weights), and a later run loads it instead of training
 again (refusing one trained with other settings). A dialogue shorter than one chunk is trained as one
-chunk of its own length (no padding: padding tokens would be memorised too).
+chunk of its own length (no padding: padding tokens would be memorised too). The training loss is
+`OnlineConfig.loss`; under `grpo` / `ntp+grpo` the memory learns to recall passages of the dialogue
+(prompts cut from the dialogue's tokens, never from the benchmark's questions).
 
 Scores: the official token F1 (`locas.evaluation.token_f1`) per category; category 5 both ways, the
 Locas paper's -F1 against `adversarial_answer` and the official rule (1 when the answer contains
@@ -47,7 +49,7 @@ from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
 from locas.model import LocasModel
-from locas.training.online import OnlineConfig, OnlineResult, run_online, trained
+from locas.training.online import OnlineConfig, OnlineResult, run_online, same_settings, trained
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 OFFICIAL_COUNTS = {1: 282, 2: 321, 3: 96, 4: 841, 5: 446}
@@ -332,7 +334,7 @@ def _config_record(config: OnlineConfig) -> dict:
 
 
 def _check_saved_config(saved: dict | None, config: OnlineConfig, path: Path) -> None:
-    if saved != _config_record(config):
+    if not same_settings(saved, OnlineConfig(**_config_record(config))):  # both as read back from a file
         raise ValueError(f"{path} was trained with other settings ({saved}); delete it or choose another output folder")
 
 
@@ -345,14 +347,16 @@ def learn_dialogue(
     store: str | Path | None = None,
     progress: bool = True,
     description: str = "",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Learned:
     """Train a `method` (locas or lora) memory on the dialogue's tokens with `run_online`, or load it from
-    `store` when that file exists (ValueError when it was trained with other settings); saved to `store`."""
+    `store` when that file exists (ValueError when it was trained with other settings); saved to `store`.
+    `tokenizer` is needed by the GRPO losses: their recall prompts are cut from the dialogue alone."""
     config = training_config(base, method, dialogue_ids.numel())
     store = None if store is None else Path(store)
     if store is not None and store.exists():
         return _load_learned(store, method, config)
-    result = run_online(model, dialogue_ids, config, progress=progress, description=description)
+    result = run_online(model, dialogue_ids, config, progress=progress, description=description, tokenizer=tokenizer)
     stats = {
         "tokens": result.tokens,
         "online_nll": result.nll,
@@ -595,6 +599,7 @@ def evaluate_conversation(
                 store=store,
                 progress=progress,
                 description=f"{conversation.sample_id} {method}",
+                tokenizer=tokenizer,
             )
             info["training"][method] = {
                 **learned[method].stats,

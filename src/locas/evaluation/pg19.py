@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.data import read_text
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
-from locas.training.online import OnlineConfig, OnlineResult, run_online_batch
+from locas.training.online import OnlineConfig, OnlineResult, run_online_batch, same_settings
 
 MARKS = (50_000, 100_000, 150_000, 200_000)  # tokens read: the paper's PPL@50K ... PPL@200K
 PERCENTS = tuple(range(10, 101, 10))  # of the tokens read: the curve's deciles
@@ -225,7 +225,7 @@ def run_books(
         finished = stems[book.name].with_name(stems[book.name].name + ".json")
         if finished.exists():
             row = json.loads(finished.read_text(encoding="utf-8"))
-            if row["config"] != dataclasses.asdict(config):
+            if not same_settings(row["config"], config):
                 raise ValueError(
                     f"the finished run in {finished} used other settings; delete it or choose another output"
                 )
@@ -244,6 +244,7 @@ def run_books(
             save_every=save_every,
             progress=progress,
             description=f"{names} {label}",
+            tokenizer=tokenizer,
         )
         for book, result in zip(pending, results, strict=True):
             row = {

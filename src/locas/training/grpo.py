@@ -18,6 +18,10 @@ same whatever its length, which suits the recall task (a reward per continuation
 TRL's token-level alternatives (`bnpo`/`dapo`) weigh long completions more.
 
 Only the memory learns: the backbone is frozen by `LocasModel` and never handed to the optimiser.
+
+The recall task (prompts cut from the text being memorised, rewarded by the token F1 of the sampled
+continuation against the true one) is what the online trainer's `grpo` / `ntp+grpo` losses run per chunk
+(`grpo_train_chunk`) and `locas memorize --loss grpo` runs over a whole text (`grpo_train_text`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from locas.evaluation.token_f1 import token_f1
 from locas.model import LocasModel
@@ -103,7 +108,7 @@ class GrpoSettings:
     prompts_per_chunk: int = 4
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # every message starts with the field's name (OnlineConfig prefixes grpo_)
         positive = ("max_new_tokens", "updates_per_batch", "prompt_tokens", "continuation_tokens", "prompts_per_chunk")
         for name in positive:
             if getattr(self, name) < 1:
@@ -112,8 +117,10 @@ class GrpoSettings:
             raise ValueError(f"group_size must be at least 2 (advantages compare completions), got {self.group_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0 <= self.clip_epsilon < 1 or self.beta < 0:
-            raise ValueError(f"need 0 <= clip_epsilon < 1 and beta >= 0; got {self.clip_epsilon}, {self.beta}")
+        if not 0 <= self.clip_epsilon < 1:
+            raise ValueError(f"clip_epsilon must be in [0, 1), got {self.clip_epsilon}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
 
 
 # --- one GRPO step ---------------------------------------------------------------------------------
@@ -170,6 +177,69 @@ def _completion_log_probs(
     return log_probs.gather(-1, input_ids[:, -completion_length:].unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass
+class _SampledBatch:
+    """A GRPO batch: every prompt's group of sampled completions and their rewards."""
+
+    input_ids: torch.Tensor  # (prompts * group_size, prompt + completion length), left-padded prompts
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor  # (prompts * group_size, completion length): tokens up to the first EOS
+    rewards: torch.Tensor  # (prompts, group_size), on the CPU
+
+
+def _sample(
+    locas_model: LocasModel,
+    prompt_ids: Sequence[torch.Tensor] | torch.Tensor,
+    reward_fn: RewardFn,
+    settings: GrpoSettings,
+    answers: Sequence[Any] | None,
+    seed: int,
+) -> _SampledBatch:
+    """`group_size` completions per prompt, sampled with the memory on from `seed`, and their rewards."""
+    device = locas_model.device
+    prompts, prompt_mask = _left_padded(prompt_ids)
+    num_prompts, group_size = prompts.shape[0], settings.group_size
+    if answers is not None and len(answers) != num_prompts:
+        raise ValueError(f"got {len(answers)} answers for {num_prompts} prompts")
+    prompts = prompts.repeat_interleave(group_size, dim=0).to(device)  # rows p*G .. p*G+G-1: prompt p's group
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0).to(device)
+    eos_ids = _eos_ids(locas_model)
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generated = locas_model.generate(
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=settings.temperature,
+            # Sample from softmax(logits / temperature) itself, whatever the model's generation defaults,
+            # so that the log-probs of grpo_step are those of the sampling distribution.
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=eos_ids[0] if eos_ids else 0,
+        )
+    completions = generated[:, prompts.shape[1] :]
+    completion_mask = _completion_mask(completions, eos_ids)
+    completions = completions * completion_mask  # padding after EOS becomes id 0: it may lie outside the vocab
+
+    eos = torch.tensor(eos_ids, dtype=completions.dtype)
+    group_answers = [answer for answer in (answers or [None] * num_prompts) for _ in range(group_size)]
+    rewards = torch.tensor(
+        [
+            float(reward_fn(row[(mask > 0) & ~torch.isin(row, eos)], answer))  # the tokens before the first EOS
+            for row, mask, answer in zip(completions.cpu(), completion_mask.cpu(), group_answers, strict=True)
+        ]
+    )
+    return _SampledBatch(
+        input_ids=torch.cat([prompts, completions], dim=1),
+        attention_mask=torch.cat([prompt_mask, torch.ones_like(completions)], dim=1),
+        completion_mask=completion_mask,
+        rewards=rewards.view(num_prompts, group_size),
+    )
+
+
 def grpo_step(
     locas_model: LocasModel,
     optimizer: torch.optim.Optimizer,
@@ -194,57 +264,20 @@ def grpo_step(
     memory = locas_model.memory
     if memory is None or memory.batch_size != 1:
         raise ValueError("grpo_step trains an attached memory of batch size 1 (one memory for all prompts)")
-    device = locas_model.device
-    prompts, prompt_mask = _left_padded(prompt_ids)
-    num_prompts, group_size = prompts.shape[0], settings.group_size
-    if answers is not None and len(answers) != num_prompts:
-        raise ValueError(f"got {len(answers)} answers for {num_prompts} prompts")
-    prompts = prompts.repeat_interleave(group_size, dim=0).to(device)  # rows p*G .. p*G+G-1: prompt p's group
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0).to(device)
-    eos_ids = _eos_ids(locas_model)
-
-    seed = settings.seed if seed is None else seed
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generated = locas_model.generate(
-            input_ids=prompts,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=settings.temperature,
-            # Sample from softmax(logits / temperature) itself, whatever the model's generation defaults,
-            # so that the log-probs below are those of the sampling distribution.
-            top_k=0,
-            top_p=1.0,
-            repetition_penalty=1.0,
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=eos_ids[0] if eos_ids else 0,
-        )
-    completions = generated[:, prompts.shape[1] :]
-    completion_mask = _completion_mask(completions, eos_ids)
-    completions = completions * completion_mask  # padding after EOS becomes id 0: it may lie outside the vocab
-
-    eos = torch.tensor(eos_ids, dtype=completions.dtype)
-    group_answers = [answer for answer in (answers or [None] * num_prompts) for _ in range(group_size)]
-    rewards = torch.tensor(
-        [
-            float(reward_fn(row[(mask > 0) & ~torch.isin(row, eos)], answer))  # the tokens before the first EOS
-            for row, mask, answer in zip(completions.cpu(), completion_mask.cpu(), group_answers, strict=True)
-        ]
-    )
-    advantages = group_advantages(rewards.view(num_prompts, group_size)).flatten().to(device)
-
-    input_ids = torch.cat([prompts, completions], dim=1)
-    attention_mask = torch.cat([prompt_mask, torch.ones_like(completions)], dim=1)
-    length = completions.shape[1]
+    batch = _sample(locas_model, prompt_ids, reward_fn, settings, answers, settings.seed if seed is None else seed)
+    advantages = group_advantages(batch.rewards).flatten().to(locas_model.device)
+    length = batch.completion_mask.shape[1]
     with torch.no_grad(), locas_model.using(None):
-        ref_logp = _completion_log_probs(locas_model, input_ids, attention_mask, length, settings.temperature)
+        ref_logp = _completion_log_probs(
+            locas_model, batch.input_ids, batch.attention_mask, length, settings.temperature
+        )
 
     for update in range(settings.updates_per_batch):
-        logp = _completion_log_probs(locas_model, input_ids, attention_mask, length, settings.temperature)
+        logp = _completion_log_probs(locas_model, batch.input_ids, batch.attention_mask, length, settings.temperature)
         if update == 0:
             old_logp = logp.detach()  # the policy that sampled: the ratio is exactly 1 on the first update
         loss, kl = grpo_loss(
-            logp, old_logp, ref_logp, advantages, completion_mask, settings.clip_epsilon, settings.beta
+            logp, old_logp, ref_logp, advantages, batch.completion_mask, settings.clip_epsilon, settings.beta
         )
         if update == 0:
             first_loss, first_kl = loss.item(), kl.item()
@@ -253,7 +286,7 @@ def grpo_step(
         optimizer.step()
         if after_step is not None:
             after_step()
-    return {"reward": rewards.mean().item(), "loss": first_loss, "kl": first_kl}
+    return {"reward": batch.rewards.mean().item(), "loss": first_loss, "kl": first_kl}
 
 
 # --- the recall task -------------------------------------------------------------------------------
@@ -290,6 +323,19 @@ def recall_reward(tokenizer) -> RewardFn:
     return reward
 
 
+def _recall_batch(
+    chunk_ids: torch.Tensor, settings: GrpoSettings, chunk_index: int
+) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
+    """(prompts, true continuations, seed) of the recall task on a chunk; None when it is too short."""
+    seed = settings.seed + chunk_index
+    pairs = recall_prompts(
+        chunk_ids, settings.prompt_tokens, settings.continuation_tokens, settings.prompts_per_chunk, seed
+    )
+    if not pairs:
+        return None
+    return torch.stack([prompt for prompt, _ in pairs]), [continuation for _, continuation in pairs], seed
+
+
 def grpo_train_chunk(
     locas_model: LocasModel,
     optimizer: torch.optim.Optimizer,
@@ -306,14 +352,10 @@ def grpo_train_chunk(
     seed (prompts and sampling) from chunk to chunk. A chunk shorter than prompt + continuation is not
     trained on: every value is then None. The caller scores the chunk before this (score-first).
     """
-    seed = settings.seed + chunk_index
-    pairs = recall_prompts(
-        chunk_ids, settings.prompt_tokens, settings.continuation_tokens, settings.prompts_per_chunk, seed
-    )
-    if not pairs:
+    batch = _recall_batch(chunk_ids, settings, chunk_index)
+    if batch is None:
         return {"reward": None, "loss": None, "kl": None}
-    prompts = torch.stack([prompt for prompt, _ in pairs])
-    continuations = [continuation for _, continuation in pairs]
+    prompts, continuations, seed = batch
     return grpo_step(
         locas_model,
         optimizer,
@@ -324,3 +366,46 @@ def grpo_train_chunk(
         answers=continuations,
         seed=seed,
     )
+
+
+def mean_recall_reward(
+    locas_model: LocasModel, chunk_ids: torch.Tensor, tokenizer, settings: GrpoSettings, chunk_index: int = 0
+) -> float | None:
+    """The mean reward of the completions `grpo_train_chunk` would sample for this chunk and index (the
+    same prompts and seed), without training; None for a chunk too short for one prompt."""
+    batch = _recall_batch(chunk_ids, settings, chunk_index)
+    if batch is None:
+        return None
+    prompts, continuations, seed = batch
+    return _sample(locas_model, prompts, recall_reward(tokenizer), settings, continuations, seed).rewards.mean().item()
+
+
+def grpo_train_text(
+    locas_model: LocasModel,
+    token_ids: torch.Tensor,
+    tokenizer,
+    settings: GrpoSettings,
+    steps: int,
+    lr: float = 4e-3,
+    progress: bool = True,
+) -> list[dict[str, float | None]]:
+    """`steps` AdamW steps of GRPO on the recall task over a whole text (what `locas memorize --loss grpo`
+    runs): step s is `grpo_train_chunk` on all of `token_ids` with chunk index s (fresh prompts and
+    samples each step), clipping the memory after every update. Returns each step's statistics.
+    ValueError when the text is too short for one prompt and its continuation."""
+    needed = settings.prompt_tokens + settings.continuation_tokens
+    if token_ids.numel() < needed:
+        raise ValueError(
+            f"the text has {token_ids.numel()} tokens, fewer than one recall prompt and its continuation "
+            f"({settings.prompt_tokens} + {settings.continuation_tokens}); use shorter prompts or a longer text"
+        )
+    memory = locas_model.memory
+    if memory is None:
+        raise ValueError("no memory attached: call attach() or memorize() first")
+    optimizer = torch.optim.AdamW(memory.parameters(), lr=lr, weight_decay=0.0)
+    stats = []
+    bar = tqdm(range(steps), desc="GRPO on the memory", unit="step", disable=not progress)
+    for step in bar:
+        stats.append(grpo_train_chunk(locas_model, optimizer, token_ids, tokenizer, settings, memory.clip_, step))
+        bar.set_postfix(reward=f"{stats[-1]['reward']:.3f}")
+    return stats

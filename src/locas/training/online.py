@@ -5,6 +5,12 @@ tokens, labels on the chunk only. The chunk is *scored first*, with the learner 
 (the first training step's forward pass gives that score, so no second forward is run), then trained on
 for `steps_per_chunk` optimiser steps (each followed by the learner's clipping), and never re-scored.
 
+Losses: the token losses of `losses.LOSSES` (ntp, sd, mix), and GRPO on the recall task (`grpo`): after
+the chunk's score (a forward without gradients), one GRPO batch on prompts cut from the chunk
+(`grpo.grpo_train_chunk`, rewarded by the token F1 of the sampled continuation, so the run needs the
+tokenizer). `ntp+grpo` runs the chunk's NTP steps (the first one scoring it), then the GRPO batch.
+GRPO trains a Locas memory, one document at a time.
+
 Methods: `locas` (a memory, memorized from chunk `memorize_at` before training on it, optionally grown),
 `lora` (TempLoRA: a peft LoRA adapter trained the same way), `none` (the backbone with the same window)
 and `long` (the backbone with a `long_factor`x longer window).
@@ -25,20 +31,34 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.memorize import MEMORY_INITS, memorize
 from locas.memory import Memory
 from locas.model import LocasModel
+from locas.training.grpo import GrpoSettings, grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
 
 METHODS = ("locas", "lora", "none", "long")
+GRPO_LOSSES = ("grpo", "ntp+grpo")  # GRPO alone, or the chunk's NTP steps then GRPO (locas only)
+TRAINING_LOSSES = (*LOSSES, *GRPO_LOSSES)
 _SHARED = {"method", "chunk_size", "context_window", "seed"}
 _TRAINING = {"lr", "steps_per_chunk", "weight_decay", "loss", "teacher_window", "mix_alpha"}
-METHOD_OPTIONS = {
+_GRPO = {
+    "grpo_group_size",
+    "grpo_prompts_per_chunk",
+    "grpo_prompt_tokens",
+    "grpo_continuation_tokens",
+    "grpo_temperature",
+    "grpo_max_new_tokens",
+    "grpo_clip_epsilon",
+    "grpo_beta",
+    "grpo_updates_per_batch",
+}
+METHOD_OPTIONS = {  # the grpo_ options count only under the GRPO losses (see `OnlineConfig.resolved`)
     "none": _SHARED,
     "long": _SHARED | {"long_factor"},
-    "locas": _SHARED | _TRAINING | {"width", "memory_init", "memorize_at", "grow_by", "max_width"},
+    "locas": _SHARED | _TRAINING | _GRPO | {"width", "memory_init", "memorize_at", "grow_by", "max_width"},
     "lora": _SHARED | _TRAINING | {"lora_rank", "lora_alpha"},
 }
 METHOD_DEFAULTS = {"locas": {"lr": 4e-3, "steps_per_chunk": 1}, "lora": {"lr": 5e-5, "steps_per_chunk": 2}}
@@ -46,7 +66,11 @@ METHOD_DEFAULTS = {"locas": {"lr": 4e-3, "steps_per_chunk": 1}, "lora": {"lr": 5
 
 @dataclass
 class OnlineConfig:
-    """Every knob of an online run. `None` means the method's default (see `resolved`)."""
+    """Every knob of an online run. `None` means the method's default (see `resolved`).
+
+    `steps_per_chunk` counts the token loss's steps (ntp, sd, mix; the NTP of `ntp+grpo`); loss `grpo` has
+    none (0). The `grpo_` options are `GrpoSettings`' fields (see `grpo_settings`), seeded by `seed`.
+    """
 
     method: str = "locas"
     chunk_size: int = 1024
@@ -65,14 +89,25 @@ class OnlineConfig:
     mix_alpha: float = 0.5
     lora_rank: int = 64
     lora_alpha: float = 64.0
+    grpo_group_size: int = GrpoSettings.group_size
+    grpo_prompts_per_chunk: int = GrpoSettings.prompts_per_chunk
+    grpo_prompt_tokens: int = GrpoSettings.prompt_tokens
+    grpo_continuation_tokens: int = GrpoSettings.continuation_tokens
+    grpo_temperature: float = GrpoSettings.temperature
+    grpo_max_new_tokens: int = GrpoSettings.max_new_tokens
+    grpo_clip_epsilon: float = GrpoSettings.clip_epsilon
+    grpo_beta: float = GrpoSettings.beta
+    grpo_updates_per_batch: int = GrpoSettings.updates_per_batch
     seed: int = 0
 
     def resolved(self) -> OnlineConfig:
         """A copy with the method's defaults filled in; ValueError naming the option for bad values."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.loss not in TRAINING_LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(TRAINING_LOSSES)}")
+        if self.uses_grpo and self.method == "lora":
+            raise ValueError(f"loss {self.loss!r} trains a Locas memory (method locas), not a LoRA adapter")
         if self.memory_init not in MEMORY_INITS:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
         for name in ("width", "long_factor", "lora_rank"):
@@ -90,6 +125,15 @@ class OnlineConfig:
         defaults = METHOD_DEFAULTS.get(self.method, {"lr": 0.0, "steps_per_chunk": 0})
         lr = defaults["lr"] if self.lr is None else self.lr
         steps = defaults["steps_per_chunk"] if self.steps_per_chunk is None else self.steps_per_chunk
+        if self.uses_grpo and self.method == "locas":
+            self.grpo_settings()  # ValueError for a bad grpo_ option
+            if self.loss == "grpo":
+                if self.steps_per_chunk:
+                    raise ValueError(
+                        f"steps_per_chunk {steps}: loss 'grpo' has no token-loss steps; use loss 'ntp+grpo' for "
+                        "NTP steps before GRPO, or grpo_updates_per_batch for more GRPO updates"
+                    )
+                steps = 0
         if self.method in METHOD_DEFAULTS and not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive number, got {lr}")
         if steps < 0:
@@ -100,7 +144,7 @@ class OnlineConfig:
         resolved = dataclasses.replace(self, lr=lr, steps_per_chunk=steps, teacher_window=teacher_window)
         # Options a method does not use go back to their defaults, so that they never tell two runs apart.
         defaults = OnlineConfig(method=self.method, lr=0.0, steps_per_chunk=0)
-        used = METHOD_OPTIONS[self.method]
+        used = METHOD_OPTIONS[self.method] - (set() if resolved.uses_grpo else _GRPO)
         return dataclasses.replace(
             resolved, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self) if f.name not in used}
         )
@@ -109,6 +153,25 @@ class OnlineConfig:
     def window(self) -> int:
         """Previous tokens the scored model sees."""
         return self.context_window * (self.long_factor if self.method == "long" else 1)
+
+    @property
+    def uses_grpo(self) -> bool:
+        return self.loss in GRPO_LOSSES
+
+    @property
+    def token_loss(self) -> str | None:
+        """The loss of the `steps_per_chunk` steps (a key of `LOSSES`); None for `grpo` alone."""
+        return {"grpo": None, "ntp+grpo": "ntp"}.get(self.loss, self.loss)
+
+    def grpo_settings(self) -> GrpoSettings:
+        """The `grpo_` options (and `seed`) as `GrpoSettings`; ValueError naming a bad one."""
+        values = {
+            f.name.removeprefix("grpo_"): getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _GRPO
+        }
+        try:
+            return GrpoSettings(**values, seed=self.seed)
+        except ValueError as error:
+            raise ValueError(f"grpo_{error}") from None
 
 
 @dataclass
@@ -119,7 +182,11 @@ class ChunkRecord:
     targets: int  # tokens scored (the stream's first token has no prediction)
     nll_sum: float  # nats, scored before any update on this chunk
     seconds: float
-    loss: float | None = None  # the training loss of the chunk's first step (None: not trained)
+    # The training loss of the chunk's first step, before any update on it (None: not trained): the token
+    # loss's (ntp, sd, mix; the NTP of ntp+grpo), or for loss grpo the GRPO loss of the first update.
+    loss: float | None = None
+    grpo_reward: float | None = None  # GRPO: mean recall reward (token F1) of the sampled continuations
+    grpo_kl: float | None = None  # GRPO: KL to the memory-less model on the first update
 
 
 @dataclass
@@ -141,6 +208,15 @@ class OnlineResult:
     @property
     def seconds(self) -> float:
         return sum(r.seconds for r in self.records)
+
+
+def same_settings(saved: dict | None, config: OnlineConfig) -> bool:
+    """Whether `saved` (`dataclasses.asdict` of a resolved config, e.g. read back from a file) holds `config`'s
+    settings; options added to `OnlineConfig` since it was saved count as their defaults."""
+    try:
+        return OnlineConfig(**saved) == config
+    except TypeError:  # None, or an option this version does not know
+        return False
 
 
 def chunk_spans(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -377,13 +453,16 @@ def train_chunk(
     rows: list[int],
     start: int,
     config: OnlineConfig,
-) -> list[tuple[int, float, float | None]]:
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[dict]:
     """Score the chunk starting at token `start` of each document in `rows`, then train on it.
 
     The documents' windows are stacked into one batch (a shorter last chunk is padded at the end and its
     padding never scored nor trained on: causal attention keeps it out of the real tokens). The training
     loss is the sum of the documents' losses, so each document's gradient is the one it has alone.
-    Returns per row (tokens scored, their NLL sum, the first step's training loss or None when not trained).
+    A GRPO loss then runs one GRPO batch on the chunk (one document only; `tokenizer` decodes for the reward).
+    Returns per row the `ChunkRecord` fields measured: `targets` (tokens scored), `nll_sum`, `loss`, and
+    under a GRPO loss `grpo_reward` and `grpo_kl` (None when not trained).
     """
     device = learner.model.device
     ends = [min(start + config.chunk_size, documents[row].numel()) for row in rows]
@@ -418,21 +497,21 @@ def train_chunk(
         return [nll[i, :n].sum().item() for i, n in enumerate(counts)]
 
     steps = config.steps_per_chunk if optimizer is not None else 0
-    if steps == 0:
+    if steps == 0:  # the score, from a forward before any update (training is GRPO alone, or none)
         with torch.no_grad():
             scores = nll_sums(learner.logits(input_ids, count + 1, rows)[:, :-1])
-        return [(n, nll, None) for n, nll in zip(counts, scores, strict=True)]
+        first_losses = [None] * len(rows)
     options = {"mix_alpha": config.mix_alpha}
     for step in range(steps):
         logits = learner.logits(input_ids, count + 1, rows)[:, :-1]
         if step == 0:  # the score: this forward ran before any update on this chunk
             scores = nll_sums(logits)
         losses = [
-            LOSSES[config.loss](
+            LOSSES[config.token_loss](
                 LossInputs(
                     logits[i : i + 1, :n],
                     targets[i : i + 1, :n],
-                    teacher(i) if config.loss in NEEDS_TEACHER else None,
+                    teacher(i) if config.token_loss in NEEDS_TEACHER else None,
                     options,
                 )
             )
@@ -444,7 +523,24 @@ def train_chunk(
         torch.stack(losses).sum().backward()
         optimizer.step()
         learner.after_step()
-    return list(zip(counts, scores, first_losses, strict=True))
+    outcomes = [
+        {"targets": n, "nll_sum": nll, "loss": loss} for n, nll, loss in zip(counts, scores, first_losses, strict=True)
+    ]
+    if config.uses_grpo and optimizer is not None:
+        (row,) = rows  # run_online_batch runs GRPO on one document at a time
+        stats = grpo_train_chunk(
+            learner.locas_model,
+            optimizer,
+            documents[row][start : ends[0]],
+            tokenizer,
+            config.grpo_settings(),
+            learner.after_step,
+            chunk_index=start // config.chunk_size,
+        )
+        outcomes[0].update(grpo_reward=stats["reward"], grpo_kl=stats["kl"])
+        if config.token_loss is None:
+            outcomes[0]["loss"] = stats["loss"]
+    return outcomes
 
 
 def _fingerprint(token_ids: torch.Tensor) -> str:
@@ -461,9 +557,11 @@ def run_online(
     progress: bool = True,
     description: str = "",
     on_chunk: Callable[[ChunkRecord, Learner], None] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> OnlineResult:
     """Score-first online training of `config.method` over the 1-D `token_ids`.
 
+    `tokenizer` (the model's) is needed by the GRPO losses only: their reward compares decoded texts.
     With `state_path`, the learner, the optimiser and the scores so far are saved there atomically every
     `save_every` chunks and at the end; a run started again with the same path continues after the last
     saved chunk and ends with the same numbers. The backbone is given back unchanged.
@@ -478,6 +576,7 @@ def run_online(
         progress=progress,
         description=description,
         on_chunk=on_document_chunk,
+        tokenizer=tokenizer,
     )[0]
 
 
@@ -491,10 +590,12 @@ def run_online_batch(
     progress: bool = True,
     description: str = "",
     on_chunk: Callable[[int, ChunkRecord, Learner], None] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[OnlineResult]:
     """`run_online` over several documents at once, each with its own memory (the memory's batch axis):
     chunk k of every document still running is scored and trained in one forward/backward. Each result
-    equals the document's own `run_online` (up to float rounding). `lora` takes one document only.
+    equals the document's own `run_online` (up to float rounding). `lora` and the GRPO losses take one
+    document only.
 
     A record's `seconds` is the batch's time for that chunk divided by the documents in it.
     """
@@ -502,6 +603,17 @@ def run_online_batch(
     documents = [document.flatten() for document in documents]
     if not documents:
         raise ValueError("no documents to train on")
+    if config.uses_grpo:  # (resolved: a locas run)
+        if len(documents) > 1:
+            raise ValueError(
+                f"loss {config.loss!r} trains one document at a time (its samples come from one memory), "
+                f"not {len(documents)}; run the documents one by one"
+            )
+        if tokenizer is None:
+            raise ValueError(
+                f"loss {config.loss!r} rewards recall by the token F1 of decoded text: pass the model's "
+                "tokenizer (tokenizer=...) to run_online / run_online_batch"
+            )
     for index, document in enumerate(documents):
         if document.numel() < config.chunk_size:
             name = "the text" if len(documents) == 1 else f"document {index}"
@@ -517,7 +629,7 @@ def run_online_batch(
             state = torch.load(state_path, weights_only=False)
             if state.get("format") != 2:
                 raise ValueError(f"{state_path} was saved by an older locas; delete it or choose another output")
-            if state["config"] != dataclasses.asdict(config):
+            if not same_settings(state["config"], config):
                 raise ValueError(
                     f"the saved run in {state_path} used other settings; delete it or choose another output"
                 )
@@ -556,10 +668,10 @@ def run_online_batch(
                 chunks = [documents[row][slice(*spans[row][index])] for row in rows]
                 if learner.prepare(index, chunks, rows) or (optimizer is None and learner.parameters()):
                     optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
-                outcomes = train_chunk(learner, optimizer, documents, rows, start, config)
+                outcomes = train_chunk(learner, optimizer, documents, rows, start, config, tokenizer)
                 seconds = (time.perf_counter() - started) / len(rows)
-                for row, (count, nll_sum, loss) in zip(rows, outcomes, strict=True):
-                    record = ChunkRecord(index, start, spans[row][index][1], count, nll_sum, seconds, loss)
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    record = ChunkRecord(index, start, spans[row][index][1], seconds=seconds, **outcome)
                     results[row].records.append(record)
                     if index + 1 == len(spans[row]):  # this document is finished: keep its learner state
                         results[row].final_state = learner.state_dict(row if len(documents) > 1 else None)
