@@ -144,9 +144,9 @@ def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Te
 
 
 def _windows(tokenizer, token_ids: torch.Tensor, window: int):
-    from locas.data import split_windows
+    from locas.data import split_windows, window_prefix
 
-    return split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0)
+    return split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0, prefix=window_prefix(tokenizer))
 
 
 def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> dict:

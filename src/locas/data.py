@@ -23,11 +23,21 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def split_windows(token_ids: torch.Tensor, window: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut a 1-D token stream into rows of `window` tokens, the last row right-padded.
+def window_prefix(tokenizer) -> list[int]:
+    """The tokens every window of a text must start with: `[bos]` when the tokenizer puts one in front of
+    each text by itself (Gemma, Llama 2/3: models trained to always see it), else none (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
 
-    Returns (input_ids, attention_mask), both (rows, window). A last piece of a single token is
-    dropped, since it holds no prediction.
+
+def split_windows(
+    token_ids: torch.Tensor, window: int, pad_id: int = 0, prefix: list[int] | tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a 1-D token stream into rows of `window` tokens, each after `prefix` (see `window_prefix`), the
+    last row right-padded.
+
+    Returns (input_ids, attention_mask), both (rows, len(prefix) + window). A last piece of a single token
+    is dropped, since it holds no prediction.
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
@@ -35,9 +45,11 @@ def split_windows(token_ids: torch.Tensor, window: int, pad_id: int = 0) -> tupl
     pieces = [piece for piece in token_ids.split(window) if piece.numel() >= 2]
     if not pieces:
         raise ValueError(f"need at least 2 tokens, got {token_ids.numel()}")
-    input_ids = torch.full((len(pieces), window), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(pieces), window), dtype=torch.long)
+    width = len(prefix) + window
+    input_ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pieces), width), dtype=torch.long)
     for row, piece in enumerate(pieces):
-        input_ids[row, : piece.numel()] = piece
-        attention_mask[row, : piece.numel()] = 1
+        filled = len(prefix) + piece.numel()
+        input_ids[row, :filled] = torch.cat([torch.tensor(prefix, dtype=torch.long), piece])
+        attention_mask[row, :filled] = 1
     return input_ids, attention_mask

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from locas.data import window_prefix
 from locas.memorize import MEMORY_INITS, memorize
 from locas.memory import Memory
 from locas.model import LocasModel
@@ -240,6 +241,7 @@ class Learner:
                 "run the documents one by one"
             )
         self.model, self.config, self.batch_size = model, config, batch_size
+        self.prefix: list[int] = []  # tokens put before every window (`data.window_prefix`: bos for Gemma)
 
     def prepare(self, chunk_index: int, chunks: list[torch.Tensor], rows: list[int]) -> bool:
         """Called before chunk `chunk_index` of documents `rows` (tokens `chunks`) is scored; True when the
@@ -251,7 +253,13 @@ class Learner:
 
     def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions; row i of `input_ids` belongs to document `rows[i]`."""
-        return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+        return self.model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
+
+    def prefixed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.prefix:
+            return input_ids
+        prefix = torch.tensor(self.prefix, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([prefix.expand(input_ids.shape[0], -1), input_ids], dim=1)
 
     def generate(self, **kwargs) -> torch.Tensor:
         """`generate` with the memory or adapter active."""
@@ -370,7 +378,7 @@ class LoraLearner(Learner):
         return [p for p in self.peft_model.parameters() if p.requires_grad]
 
     def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
-        return self.peft_model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+        return self.peft_model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, **kwargs) -> torch.Tensor:
         return self.peft_model.generate(**kwargs)
@@ -561,7 +569,9 @@ def run_online(
 ) -> OnlineResult:
     """Score-first online training of `config.method` over the 1-D `token_ids`.
 
-    `tokenizer` (the model's) is needed by the GRPO losses only: their reward compares decoded texts.
+    `tokenizer` (the model's): every window the model reads starts with its `data.window_prefix` (the bos
+    token of tokenizers that add one to every text, as Gemma's; none for SmolLM2 or GPT-2), and the GRPO
+    losses need it (their reward compares decoded texts). Without it, windows are the text's tokens alone.
     With `state_path`, the learner, the optimiser and the scores so far are saved there atomically every
     `save_every` chunks and at the end; a run started again with the same path continues after the last
     saved chunk and ends with the same numbers. The backbone is given back unchanged.
@@ -624,6 +634,7 @@ def run_online_batch(
     state_path = None if state_path is None else Path(state_path)
 
     with _learner(model, config, len(documents)) as learner:
+        learner.prefix = [] if tokenizer is None else window_prefix(tokenizer)
         optimizer = None
         if state_path is not None and state_path.exists():
             state = torch.load(state_path, weights_only=False)

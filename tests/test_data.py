@@ -1,0 +1,50 @@
+import torch
+from cli_fixtures import tiny_tokenizer
+from conftest import tiny_model
+from tokenizers import processors
+
+from locas.data import split_windows, window_prefix
+from locas.training.online import OnlineConfig, run_online
+
+
+def bos_tokenizer():
+    """The tiny tokenizer, told to put <eos> (standing in for a bos token) before every text, as Gemma's does."""
+    tokenizer = tiny_tokenizer()
+    bos = tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", bos)]
+    )
+    tokenizer.bos_token = "<eos>"
+    return tokenizer, bos
+
+
+def test_window_prefix_is_bos_only_for_tokenizers_that_add_it_themselves():
+    tokenizer, bos = bos_tokenizer()
+    assert tokenizer("a").input_ids[0] == bos and window_prefix(tokenizer) == [bos]
+    plain = tiny_tokenizer()
+    plain.bos_token = "<eos>"  # a bos token it does not add (SmolLM2's case): no prefix
+    assert window_prefix(plain) == [] and window_prefix(tiny_tokenizer()) == []
+
+
+def test_split_windows_puts_the_prefix_before_every_window():
+    input_ids, attention_mask = split_windows(torch.arange(10, 20), window=4, pad_id=0, prefix=[7])
+    assert input_ids.tolist() == [[7, 10, 11, 12, 13], [7, 14, 15, 16, 17], [7, 18, 19, 0, 0]]
+    assert attention_mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
+
+
+def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
+    tokenizer, bos = bos_tokenizer()
+    model = tiny_model("gemma3")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    tokens = torch.randint(3, 128, (48,), generator=torch.Generator().manual_seed(0))
+    config = OnlineConfig(method="locas", chunk_size=16, context_window=16, width=4, lr=1e-2)
+    with_bos = run_online(model, tokens, config, progress=False, tokenizer=tokenizer)
+    windows = [ids for ids in seen if ids.shape[1] > 16]  # the scored/trained windows (memorize reads a chunk)
+    assert len(windows) == 3 and all((ids[:, 0] == bos).all() for ids in windows)
+    assert torch.equal(windows[-1][0, 1:], tokens[16:48])  # then the context and the chunk, unchanged
+    seen.clear()
+    without = run_online(model, tokens, config, progress=False)
+    assert all((ids[:, 0] != bos).all() for ids in seen)
+    assert [r.targets for r in without.records] == [r.targets for r in with_bos.records]  # bos is never scored
+    assert [r.nll_sum for r in without.records] != [r.nll_sum for r in with_bos.records]
