@@ -508,3 +508,69 @@ def test_interrupted_export_leaves_no_folder(files: dict, tmp_path: Path, monkey
     assert code == 130
     assert err.strip() == "locas export: interrupted; nothing was written"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- trainer presets (shared by the eval commands) -------------------------------------------------------
+
+
+def trainer_configs(*flags: str) -> dict:
+    """The resolved config of locas and lora that `locas eval pg19 ... FLAGS` would run."""
+    from locas.cli import _online_config, build_parser
+    from locas.evaluation import pg19
+
+    argv = ["eval", "pg19", "book.txt", "--method", "locas", "--method", "lora", "--out", "r.json", *flags]
+    args = build_parser().parse_args(argv)
+    return pg19.method_configs(args.methods, _online_config(args))
+
+
+@pytest.fixture
+def default_is_not_paper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `default` preset unlike `paper` (as once the sweep has run), so that a test sees which one was used."""
+    from locas.training import online
+
+    best = {
+        "locas": {**online.PAPER["locas"], "lr": 1e-2, "width": 128, "tau_rule": "neuron"},
+        "lora": {**online.PAPER["lora"], "lr": 3e-4, "lora_rank": 16, "lora_targets": "q_proj,v_proj"},
+    }
+    monkeypatch.setitem(online.PRESETS, "default", best)
+
+
+def test_preset_paper_gives_the_papers_settings(default_is_not_paper) -> None:
+    from locas.training.online import OnlineConfig
+
+    configs = trainer_configs("--preset", "paper")
+    paper_locas = dict(lr=4e-3, steps_per_chunk=1, width=64, memory_init="highest", tau_rule="paper")
+    paper_lora = dict(lr=5e-5, steps_per_chunk=2, lora_rank=64, lora_alpha=64.0, lora_targets="all")
+    window = dict(chunk_size=1024, context_window=2048)
+    assert configs["locas"] == OnlineConfig(method="locas", **window, **paper_locas).resolved()
+    assert configs["lora"] == OnlineConfig(method="lora", **window, **paper_lora).resolved()
+    assert configs["locas"].preset == configs["lora"].preset == "paper"
+
+
+def test_without_a_preset_the_default_one_fills_the_options(default_is_not_paper) -> None:
+    configs = trainer_configs()
+    assert (configs["locas"].lr, configs["locas"].width, configs["locas"].tau_rule) == (1e-2, 128, "neuron")
+    assert (configs["lora"].lr, configs["lora"].lora_rank, configs["lora"].lora_targets) == (3e-4, 16, "q_proj,v_proj")
+
+
+def test_explicit_flags_win_over_the_preset(default_is_not_paper) -> None:
+    configs = trainer_configs("--preset", "paper", "--lr", "2e-3", "--tau-rule", "neuron", "--lora-rank", "8")
+    assert (configs["locas"].lr, configs["locas"].tau_rule, configs["locas"].width) == (2e-3, "neuron", 64)
+    assert (configs["lora"].lr, configs["lora"].lora_rank, configs["lora"].steps_per_chunk) == (2e-3, 8, 2)
+    configs = trainer_configs("--width", "64", "--lora-targets", "all")  # a flag equal to paper's still wins
+    assert (configs["locas"].width, configs["locas"].lr, configs["lora"].lora_targets) == (64, 1e-2, "all")
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--preset", "best"], ["argument --preset", "invalid choice: 'best'", "paper", "default"]),
+        (["--tau-rule", "slot"], ["argument --tau-rule", "invalid choice: 'slot'", "neuron"]),
+    ],
+)
+def test_unknown_preset_or_tau_rule_is_refused(tmp_path: Path, flags: list[str], fragments: list[str], capsys) -> None:
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    code, out, err = run(capsys, "eval", "pg19", book, "--method", "locas", "--out", tmp_path / "r.json", *flags)
+    assert code == 2 and out == ""
+    usage_error(err, "eval pg19", *fragments)

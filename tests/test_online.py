@@ -416,3 +416,80 @@ def test_a_state_saved_before_the_grpo_options_existed_still_resumes(tmp_path):
     assert same_settings(saved, config) and same_settings(dataclasses.asdict(config), config)
     assert not same_settings({**saved, "width": 3}, config)
     assert not same_settings({**saved, "an_option_from_the_future": 1}, config) and not same_settings(None, config)
+
+
+# --- tau rule, LoRA targets, presets -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau_rule", ["paper", "neuron"])
+def test_the_tau_rule_sets_the_memorys_output_scale(tau_rule):
+    from locas.model import output_scales
+
+    model = tiny_model("llama")
+    result = run_online(model, stream(48), OnlineConfig(method="locas", tau_rule=tau_rule, **SMALL), progress=False)
+    scales = output_scales(model) / (8 if tau_rule == "paper" else 1)  # SMALL's width is 8
+    assert result.config.tau_rule == tau_rule and result.memory.metadata["tau_rule"] == tau_rule
+    assert torch.allclose(result.memory.tau, scales.unsqueeze(1).expand(-1, 8))
+
+
+def test_the_tau_rule_tells_locas_runs_apart_and_no_other():
+    neuron = dict(tau_rule="neuron", **SMALL)
+    assert OnlineConfig(method="locas", **neuron).resolved() != OnlineConfig(method="locas", **SMALL).resolved()
+    for method in ("lora", "none", "long"):
+        assert OnlineConfig(method=method, **neuron).resolved() == OnlineConfig(method=method, **SMALL).resolved()
+    with pytest.raises(ValueError, match="unknown tau_rule 'per_slot'; choose one of paper, neuron"):
+        OnlineConfig(tau_rule="per_slot").resolved()
+
+
+def test_lora_targets_pick_the_adapted_modules():
+    def trainable(targets):
+        config = OnlineConfig(method="lora", lora_targets=targets, lr=1e-2, **SMALL)
+        return run_online(tiny_model("llama"), stream(32), config, progress=False).trainable_parameters
+
+    rank, hidden, mlp, layers = 4, 32, 48, 2  # q_proj and o_proj map 32 -> 32 (4 heads of 8)
+    assert trainable("q_proj, o_proj") == layers * 2 * rank * (hidden + hidden)
+    assert trainable("all") > trainable("q_proj,o_proj") + layers * rank * (hidden + mlp)  # + the MLP's
+    with pytest.raises(ValueError, match="wq is not a module of llama models; choose all or some of q_proj,"):
+        trainable("q_proj,wq")
+    with pytest.raises(ValueError, match="lora_targets must be 'all' or module names separated by commas"):
+        OnlineConfig(method="lora", lora_targets="q_proj,").resolved()
+    assert OnlineConfig(method="locas", lora_targets="q_proj").resolved() == OnlineConfig(method="locas").resolved()
+
+
+PAPER_LOCAS = dict(lr=4e-3, steps_per_chunk=1, width=64, memory_init="highest", tau_rule="paper")
+PAPER_LORA = dict(lr=5e-5, steps_per_chunk=2, lora_rank=64, lora_alpha=64.0, lora_targets="all")
+
+
+def test_the_paper_preset_is_the_papers_settings():
+    locas = OnlineConfig(method="locas", preset="paper").resolved()
+    assert {name: getattr(locas, name) for name in PAPER_LOCAS} == PAPER_LOCAS
+    assert (locas.chunk_size, locas.context_window) == (1024, 2048)
+    lora = OnlineConfig(method="lora", preset="paper").resolved()
+    assert {name: getattr(lora, name) for name in PAPER_LORA} == PAPER_LORA
+    assert lora.preset == "paper"  # recorded in the config, but it never tells two runs apart:
+    assert lora == OnlineConfig(method="lora", preset="default", **PAPER_LORA).resolved()
+
+
+def test_a_preset_fills_only_the_options_not_given(monkeypatch):
+    from locas.training import online
+
+    best = {"locas": {**PAPER_LOCAS, "lr": 1e-2, "tau_rule": "neuron"}, "lora": {**PAPER_LORA, "lora_rank": 8}}
+    monkeypatch.setitem(online.PRESETS, "default", best)
+    assert OnlineConfig(method="locas").resolved().lr == 1e-2
+    assert OnlineConfig(method="locas").resolved().tau_rule == "neuron"
+    assert OnlineConfig(method="locas", preset="paper").resolved().lr == 4e-3
+    assert OnlineConfig(method="locas", lr=2e-3).resolved().lr == 2e-3  # an explicit value wins
+    assert OnlineConfig(method="locas", tau_rule="paper").resolved().tau_rule == "paper"
+    assert OnlineConfig(method="lora").resolved().lora_rank == 8
+    assert OnlineConfig(method="lora", preset="paper").resolved().lora_rank == 64
+    assert OnlineConfig(method="none").resolved() == OnlineConfig(method="none", preset="paper").resolved()
+    with pytest.raises(ValueError, match="unknown preset 'best'; choose one of paper, default"):
+        OnlineConfig(preset="best").resolved()
+
+
+def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches():
+    for method in ("locas", "lora"):
+        config = OnlineConfig(method=method, **SMALL).resolved()
+        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tau_rule", "lora_targets", "preset")}
+        assert same_settings(saved, config)
+        assert not same_settings(saved, dataclasses.replace(config, tau_rule="neuron", lora_targets="q_proj"))

@@ -445,7 +445,7 @@ def _read_adapter(path: str):
     (returned as a Path) or an adapter file of `locas eval locomo` (adapters/ID.pt, returned as an OnlineResult)."""
     import pickle
 
-    from locas.training.online import OnlineConfig, OnlineResult
+    from locas.training.online import OnlineResult, saved_config
 
     source = Path(path)
     fix = "pass a peft adapter folder (save_pretrained) or an adapters/ID.pt file of 'locas eval locomo'"
@@ -455,7 +455,7 @@ def _read_adapter(path: str):
         return source
     try:
         saved = torch.load(source, weights_only=True)
-        return OnlineResult(OnlineConfig(**saved["online_config"]), final_state=saved["final_state"])
+        return OnlineResult(saved_config(saved["online_config"]), final_state=saved["final_state"])
     except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
         raise CommandError(f"--adapter {path!r} cannot be read ({error}); {fix}") from error
 
@@ -612,30 +612,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preset_default(option: str) -> str:
+    """For --help: the default preset's value of `option`, per method that has it (e.g. 'locas 0.004, lora 5e-05')."""
+    from locas.training.online import PRESETS
+
+    values = [(method, values[option]) for method, values in PRESETS["default"].items() if option in values]
+    shown = values[0][1] if len(values) == 1 else ", ".join(f"{method} {value}" for method, value in values)
+    return f"default: the --preset's ({shown} in 'default')"
+
+
 def _trainer_options() -> argparse.ArgumentParser:
-    """The online trainer's options, named after `OnlineConfig`'s fields, shared by the benchmarks."""
+    """The online trainer's options, named after `OnlineConfig`'s fields, shared by the benchmarks. The options a
+    preset sets default to None: `OnlineConfig.resolved` fills them from --preset, so explicit flags win."""
     from locas.memorize import MEMORY_INITS
-    from locas.training.online import TRAINING_LOSSES
+    from locas.model import TAU_RULES
+    from locas.training.online import PRESETS, TRAINING_LOSSES
 
     parser = argparse.ArgumentParser(add_help=False)
     options = parser.add_argument_group("online training (each method's memory or adapter)")
+    options.add_argument(
+        "--preset",
+        default="default",
+        choices=PRESETS,
+        help="each method's hyperparameters for the options not given: paper (the paper's Locas, TempLoRA's "
+        "published defaults) or default (the best found on development books; for now the paper's)",
+    )
     options.add_argument(
         "--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time"
     )
     options.add_argument(
         "--context-window", type=non_negative_int, default=2048, help="previous tokens seen (>= chunk)"
     )
-    options.add_argument("--width", type=positive_int, default=64, help="locas: memory slots per layer")
-    options.add_argument("--init", dest="memory_init", default="highest", choices=MEMORY_INITS, help="locas: init")
+    options.add_argument(
+        "--width", type=positive_int, help=f"locas: memory slots per layer; {_preset_default('width')}"
+    )
+    options.add_argument(
+        "--init", dest="memory_init", choices=MEMORY_INITS, help=f"locas: init; {_preset_default('memory_init')}"
+    )
+    options.add_argument(
+        "--tau-rule",
+        choices=TAU_RULES,
+        help="locas: output scale of a new memory's slots: paper (mean backbone output norm / width) or neuron "
+        f"(mean norm per slot); {_preset_default('tau_rule')}",
+    )
     options.add_argument("--memorize-at", type=non_negative_int, default=0, help="locas: chunk memorized from")
     options.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")
     options.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
-    options.add_argument("--lr", type=positive_float, default=None, help="default: locas 4e-3, lora 5e-5")
+    options.add_argument("--lr", type=positive_float, help=_preset_default("lr"))
     options.add_argument(
         "--steps-per-chunk",
         type=non_negative_int,
-        default=None,
-        help="steps of the token loss (ntp, sd, mix; ntp+grpo's NTP) per chunk; default: locas 1, lora 2, grpo 0",
+        help="steps of the token loss (ntp, sd, mix; ntp+grpo's NTP) per chunk (grpo: 0); "
+        + _preset_default("steps_per_chunk"),
     )
     options.add_argument(
         "--loss",
@@ -647,8 +675,15 @@ def _trainer_options() -> argparse.ArgumentParser:
     )
     options.add_argument("--teacher-window", type=positive_int, default=None, help="sd/mix: default 4 x window")
     options.add_argument("--mix-alpha", type=fraction, default=0.5, help="mix: weight of the NTP loss")
-    options.add_argument("--lora-rank", type=positive_int, default=64, help="lora: adapter rank")
-    options.add_argument("--lora-alpha", type=positive_float, default=64.0, help="lora: adapter scale")
+    options.add_argument("--lora-rank", type=positive_int, help=f"lora: adapter rank; {_preset_default('lora_rank')}")
+    options.add_argument(
+        "--lora-alpha", type=positive_float, help=f"lora: adapter scale; {_preset_default('lora_alpha')}"
+    )
+    options.add_argument(
+        "--lora-targets",
+        help="lora: 'all' (attention and MLP projections) or some module names, comma-separated (e.g. "
+        f"q_proj,v_proj); {_preset_default('lora_targets')}",
+    )
     options.add_argument("--seed", type=int, default=0, help="locas random inits and GRPO samples, lora adapter init")
     _add_grpo_options(parser.add_argument_group("GRPO of a locas memory (--loss grpo, ntp+grpo)"), "each chunk")
     return parser

@@ -14,6 +14,10 @@ GRPO trains a Locas memory, one document at a time.
 Methods: `locas` (a memory, memorized from chunk `memorize_at` before training on it, optionally grown),
 `lora` (TempLoRA: a peft LoRA adapter trained the same way), `none` (the backbone with the same window)
 and `long` (the backbone with a `long_factor`x longer window).
+
+Presets (`PRESETS`): each method's hyperparameters (lr, steps per chunk, width, init, tau rule; LoRA rank,
+alpha, targets), filled into the options an `OnlineConfig` leaves at None. `paper` is the paper's Locas and
+TempLoRA's published defaults; `default` is what a run gets without naming a preset.
 """
 
 from __future__ import annotations
@@ -36,14 +40,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from locas.data import window_prefix
 from locas.memorize import MEMORY_INITS, memorize
 from locas.memory import Memory
-from locas.model import LocasModel
+from locas.model import TAU_RULES, LocasModel
 from locas.training.grpo import GrpoSettings, grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
 
 METHODS = ("locas", "lora", "none", "long")
 GRPO_LOSSES = ("grpo", "ntp+grpo")  # GRPO alone, or the chunk's NTP steps then GRPO (locas only)
 TRAINING_LOSSES = (*LOSSES, *GRPO_LOSSES)
-_SHARED = {"method", "chunk_size", "context_window", "seed"}
+_SHARED = {"method", "preset", "chunk_size", "context_window", "seed"}
 _TRAINING = {"lr", "steps_per_chunk", "weight_decay", "loss", "teacher_window", "mix_alpha"}
 _GRPO = {
     "grpo_group_size",
@@ -59,26 +63,41 @@ _GRPO = {
 METHOD_OPTIONS = {  # the grpo_ options count only under the GRPO losses (see `OnlineConfig.resolved`)
     "none": _SHARED,
     "long": _SHARED | {"long_factor"},
-    "locas": _SHARED | _TRAINING | _GRPO | {"width", "memory_init", "memorize_at", "grow_by", "max_width"},
-    "lora": _SHARED | _TRAINING | {"lora_rank", "lora_alpha"},
+    "locas": _SHARED | _TRAINING | _GRPO | {"width", "memory_init", "tau_rule", "memorize_at", "grow_by", "max_width"},
+    "lora": _SHARED | _TRAINING | {"lora_rank", "lora_alpha", "lora_targets"},
 }
-METHOD_DEFAULTS = {"locas": {"lr": 4e-3, "steps_per_chunk": 1}, "lora": {"lr": 5e-5, "steps_per_chunk": 2}}
+
+# Each method's values of the options a preset sets (`OnlineConfig` leaves them at None). `paper`: Locas as in the
+# paper (method.md) and TempLoRA's published defaults. `default`: what a run gets without naming a preset. The
+# sweep (benchmarks/pg19_sweep.py) has not run yet, so `default` is still `paper`; it is to become each method's
+# best point on the development books. The chunk and the window are not in a preset: every method of a comparison
+# reads the same chunks with the same window (OnlineConfig's 1024 and 2048 are the paper's).
+PAPER = {
+    "locas": {"lr": 4e-3, "steps_per_chunk": 1, "width": 64, "memory_init": "highest", "tau_rule": "paper"},
+    "lora": {"lr": 5e-5, "steps_per_chunk": 2, "lora_rank": 64, "lora_alpha": 64.0, "lora_targets": "all"},
+}
+PRESETS = {"paper": PAPER, "default": {method: dict(values) for method, values in PAPER.items()}}
+# Where a method does not use a preset option (and in a config saved before the option existed) it holds the
+# paper's value, as before presets: unused options never tell two runs apart, and saved configs still match.
+_UNUSED = {**PAPER["locas"], **PAPER["lora"], "lr": 0.0, "steps_per_chunk": 0}
 
 
 @dataclass
 class OnlineConfig:
-    """Every knob of an online run. `None` means the method's default (see `resolved`).
+    """Every knob of an online run. `None` means the value of `preset` for the method (see `resolved`).
 
     `steps_per_chunk` counts the token loss's steps (ntp, sd, mix; the NTP of `ntp+grpo`); loss `grpo` has
     none (0). The `grpo_` options are `GrpoSettings`' fields (see `grpo_settings`), seeded by `seed`.
     """
 
     method: str = "locas"
+    preset: str = field(default="default", compare=False)  # a key of PRESETS; recorded, never tells runs apart
     chunk_size: int = 1024
     context_window: int = 2048
     long_factor: int = 4
-    width: int = 64
-    memory_init: str = "highest"
+    width: int | None = None
+    memory_init: str | None = None
+    tau_rule: str | None = None  # a key of `locas.model.TAU_RULES`: how a new memory's output scale is set
     memorize_at: int = 0
     grow_by: int = 0
     max_width: int | None = None
@@ -88,8 +107,9 @@ class OnlineConfig:
     loss: str = "ntp"
     teacher_window: int | None = None
     mix_alpha: float = 0.5
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: str | None = None  # "all" (the model family's `lora_targets`) or some of them, comma-separated
     grpo_group_size: int = GrpoSettings.group_size
     grpo_prompts_per_chunk: int = GrpoSettings.prompts_per_chunk
     grpo_prompt_tokens: int = GrpoSettings.prompt_tokens
@@ -102,18 +122,53 @@ class OnlineConfig:
     seed: int = 0
 
     def resolved(self) -> OnlineConfig:
-        """A copy with the method's defaults filled in; ValueError naming the option for bad values."""
+        """A copy with the preset's values in the options left at None, and the options the method does not use
+        at fixed values (so that they never tell two runs apart); ValueError naming the option for bad values."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.loss not in TRAINING_LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(TRAINING_LOSSES)}")
         if self.uses_grpo and self.method == "lora":
             raise ValueError(f"loss {self.loss!r} trains a Locas memory (method locas), not a LoRA adapter")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.loss == "grpo" and self.method == "locas":
+            if self.steps_per_chunk:
+                raise ValueError(
+                    f"steps_per_chunk {self.steps_per_chunk}: loss 'grpo' has no token-loss steps; use loss "
+                    "'ntp+grpo' for NTP steps before GRPO, or grpo_updates_per_batch for more GRPO updates"
+                )
+            values["steps_per_chunk"] = 0
+        if values["teacher_window"] is None:
+            values["teacher_window"] = 4 * self.context_window
+        preset = PRESETS[self.preset].get(self.method, {})
+        used = METHOD_OPTIONS[self.method] - (set() if self.uses_grpo else _GRPO)
+        unused = OnlineConfig(**_UNUSED)
+        for name in values:
+            if name not in used:
+                values[name] = getattr(unused, name)
+            elif values[name] is None and name in preset:
+                values[name] = preset[name]
+        config = OnlineConfig(**values)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        """ValueError naming the first bad option of a resolved config."""
         if self.memory_init not in MEMORY_INITS:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
+        if self.tau_rule not in TAU_RULES:
+            raise ValueError(f"unknown tau_rule {self.tau_rule!r}; choose one of {', '.join(TAU_RULES)}")
         for name in ("width", "long_factor", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if not all(name.strip() for name in self.lora_targets.split(",")):
+            raise ValueError(
+                f"lora_targets must be 'all' or module names separated by commas, got {self.lora_targets!r}"
+            )
         if self.chunk_size < 2:
             raise ValueError(f"chunk_size must be at least 2 tokens, got {self.chunk_size}")
         if self.context_window < 0:
@@ -123,32 +178,14 @@ class OnlineConfig:
                 f"chunk_size {self.chunk_size} is larger than context_window {self.context_window}: "
                 "the window of previous tokens must hold at least one chunk"
             )
-        defaults = METHOD_DEFAULTS.get(self.method, {"lr": 0.0, "steps_per_chunk": 0})
-        lr = defaults["lr"] if self.lr is None else self.lr
-        steps = defaults["steps_per_chunk"] if self.steps_per_chunk is None else self.steps_per_chunk
-        if self.uses_grpo and self.method == "locas":
-            self.grpo_settings()  # ValueError for a bad grpo_ option
-            if self.loss == "grpo":
-                if self.steps_per_chunk:
-                    raise ValueError(
-                        f"steps_per_chunk {steps}: loss 'grpo' has no token-loss steps; use loss 'ntp+grpo' for "
-                        "NTP steps before GRPO, or grpo_updates_per_batch for more GRPO updates"
-                    )
-                steps = 0
-        if self.method in METHOD_DEFAULTS and not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive number, got {lr}")
-        if steps < 0:
-            raise ValueError(f"steps_per_chunk must be >= 0, got {steps}")
+        if self.method in ("locas", "lora") and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.steps_per_chunk < 0:
+            raise ValueError(f"steps_per_chunk must be >= 0, got {self.steps_per_chunk}")
         if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
             raise ValueError(f"grow_by must be >= 0 and max_width >= width; got {self.grow_by}, {self.max_width}")
-        teacher_window = 4 * self.context_window if self.teacher_window is None else self.teacher_window
-        resolved = dataclasses.replace(self, lr=lr, steps_per_chunk=steps, teacher_window=teacher_window)
-        # Options a method does not use go back to their defaults, so that they never tell two runs apart.
-        defaults = OnlineConfig(method=self.method, lr=0.0, steps_per_chunk=0)
-        used = METHOD_OPTIONS[self.method] - (set() if resolved.uses_grpo else _GRPO)
-        return dataclasses.replace(
-            resolved, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self) if f.name not in used}
-        )
+        if self.uses_grpo:
+            self.grpo_settings()  # ValueError for a bad grpo_ option
 
     @property
     def window(self) -> int:
@@ -211,11 +248,17 @@ class OnlineResult:
         return sum(r.seconds for r in self.records)
 
 
+def saved_config(saved: dict) -> OnlineConfig:
+    """The config of `saved` (`dataclasses.asdict` of a resolved config, e.g. read back from a file); options added
+    to `OnlineConfig` since it was saved take the values they had before (the paper's, for the preset options)."""
+    return OnlineConfig(**{**_UNUSED, **saved})
+
+
 def same_settings(saved: dict | None, config: OnlineConfig) -> bool:
     """Whether `saved` (`dataclasses.asdict` of a resolved config, e.g. read back from a file) holds `config`'s
-    settings; options added to `OnlineConfig` since it was saved count as their defaults."""
+    settings (see `saved_config`)."""
     try:
-        return OnlineConfig(**saved) == config
+        return saved_config(saved) == config
     except TypeError:  # None, or an option this version does not know
         return False
 
@@ -286,7 +329,7 @@ class Learner:
 class MemoryLearner(Learner):
     def __init__(self, model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> None:
         super().__init__(model, config, batch_size)
-        self.locas_model = LocasModel(model)
+        self.locas_model = LocasModel(model, tau_rule=config.tau_rule)
 
     @property
     def memory(self) -> Memory | None:
@@ -352,7 +395,8 @@ class MemoryLearner(Learner):
 
 
 class LoraLearner(Learner):
-    """TempLoRA: a LoRA adapter (peft) on attention q, k, v, o and the MLP projections."""
+    """TempLoRA: a LoRA adapter (peft) on the modules `config.lora_targets` names; "all" is the family's
+    `lora_targets` (attention q, k, v, o and the MLP projections)."""
 
     max_batch_size = 1  # peft trains one adapter per model
 
@@ -363,11 +407,20 @@ class LoraLearner(Learner):
 
         super().__init__(model, config, batch_size)
         family = family_of(model)
+        targets = (
+            family.lora_targets if config.lora_targets == "all" else [t.strip() for t in config.lora_targets.split(",")]
+        )
+        unknown = [name for name in targets if name not in family.lora_targets]
+        if unknown:
+            raise ValueError(
+                f"lora_targets {config.lora_targets!r}: {', '.join(unknown)} is not a module of {family.name} "
+                f"models; choose all or some of {','.join(family.lora_targets)}"
+            )
         lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=0.0,
-            target_modules=list(family.lora_targets),
+            target_modules=list(targets),
             fan_in_fan_out=family.lora_fan_in_fan_out,
         )
         with torch.random.fork_rng(devices=[]):  # the adapter's A matrices are random: seed them, not the caller

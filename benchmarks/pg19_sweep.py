@@ -1,0 +1,464 @@
+"""Sweep the knobs of Locas and TempLoRA on PG-19 development books: perplexity against wall time and against
+trainable parameters, with each method's Pareto front (issue 8).
+
+Every method gets the same number of points (--max-points, default 16): its paper point (`--preset paper`), then
+points drawn without replacement from its grid below (in --seed's order, so a larger --max-points keeps the points
+drawn before). A grid point is the paper's settings with the point's knob values; None is the sweep's base value
+(--chunk-size). `none` (the backbone, same window) runs once per chunk and window as the reference.
+
+A point runs every development book online, score-first (`pg19.run_books`, one book at a time unless
+--batch-books), and as soon as it finishes its line is appended to --out (JSONL): pooled PPL, wall seconds (sum
+of the chunk times), trainable parameters, per-book PPL and seconds, the knob values and the resolved config.
+Started again, the sweep skips the points already in the file (same model, books, tokens and resolved config)
+and resumes an interrupted point from its state (saved every --save-every chunks in OUT.state/). At the end, and
+with --plot-only, it plots PPL against seconds and against trainable parameters (OUT .png) and prints each
+method's Pareto-best points.
+
+Development books: the first --max-tokens tokens of the last --books books of --data by file name (so not the
+books that pg19_embedded.py evaluates, the first ones).
+
+    python benchmarks/pg19_sweep.py --dry-run       # list the points (done or to run)
+    python benchmarks/pg19_sweep.py                 # run them; after Ctrl-C the same command resumes
+    python benchmarks/pg19_sweep.py --plot-only     # the plot and the table from the JSONL file
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from locas.evaluation import pg19
+from locas.training.online import OnlineConfig, saved_config
+
+REPO = Path(__file__).resolve().parents[1]
+PG19 = REPO.parent / "shared" / "data" / "pg19"
+
+# Locas: learning rate and steps, width and output scale, what and when to memorize, growth, loss, chunk.
+LOCAS_GRID = {
+    "lr": [1e-3, 4e-3, 1e-2, 3e-2],
+    "steps_per_chunk": [1, 2],
+    "width": [64, 256],
+    "tau_rule": ["paper", "neuron"],
+    "memory_init": ["highest", "random_index"],
+    "memorize_at": [0, 2],
+    "grow_by": [0, 8],
+    "loss": ["ntp", "sd", "mix"],
+    "chunk_size": [None, 256],
+}
+# TempLoRA: rank and scale, learning rate and steps, which modules (Llama-family names), chunk.
+LORA_GRID = {
+    "lora_rank": [8, 16, 64],
+    "lora_alpha": [16.0, 64.0, 128.0],
+    "lr": [5e-5, 2e-4, 1e-3, 3e-3],
+    "steps_per_chunk": [1, 2],
+    "lora_targets": ["all", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj,down_proj"],
+    "chunk_size": [None, 256],
+}
+GRIDS = {"locas": LOCAS_GRID, "lora": LORA_GRID}
+REFERENCE_KNOBS = ["chunk_size", "context_window"]
+
+
+@dataclass
+class Point:
+    method: str
+    kind: str  # "paper" (the method's paper preset), "grid", or "reference" (none)
+    config: OnlineConfig  # resolved
+
+    @property
+    def knobs(self) -> dict:
+        """The values of the knobs the method's grid varies (the chunk and window for `none`)."""
+        return {name: getattr(self.config, name) for name in GRIDS.get(self.method, REFERENCE_KNOBS)}
+
+
+def config_fields(config: OnlineConfig) -> dict:
+    """The settings of a resolved config (without `preset`, which never tells runs apart)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.compare}
+
+
+def config_key(config: OnlineConfig) -> str:
+    return json.dumps(config_fields(config), sort_keys=True)
+
+
+def point_key(data: dict, config: OnlineConfig) -> str:
+    """What a point is: the development books (`data`: model, dtype, books, tokens) and the resolved config."""
+    return json.dumps({"data": data, "config": config_fields(config)}, sort_keys=True)
+
+
+def grid_combinations(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def sweep_points(base: OnlineConfig, methods: Sequence[str], max_points: int | None, seed: int = 0) -> list[Point]:
+    """The `none` references, then per method its paper point and up to `max_points` - 1 grid points (None:
+    the whole grid) in `seed`'s order. `base` holds the chunk, window and training seed; grid points that the
+    trainer refuses (e.g. a chunk larger than the window) or that repeat a point are left out."""
+    points = []
+    for method in methods:
+        paper = dataclasses.replace(base, method=method, preset="paper").resolved()
+        chosen = {config_key(paper): Point(method, "paper", paper)}
+        combinations = grid_combinations(GRIDS[method])
+        random.Random(seed).shuffle(combinations)
+        for values in combinations:
+            if max_points is not None and len(chosen) >= max_points:
+                break
+            values = {name: value for name, value in values.items() if value is not None}
+            try:
+                config = dataclasses.replace(paper, **values).resolved()
+            except ValueError:
+                continue
+            chosen.setdefault(config_key(config), Point(method, "grid", config))
+        points += chosen.values()
+    windows = sorted({(p.config.chunk_size, p.config.context_window) for p in points if p.method != "none"})
+    windows = windows or [(base.chunk_size, base.context_window)]
+    references = [
+        Point("none", "reference", dataclasses.replace(base, method="none", chunk_size=c, context_window=w).resolved())
+        for c, w in windows
+    ]
+    return references + points
+
+
+# --- the JSONL file ------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The finished points in `path` (none if it does not exist); a line cut short by a crash is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def row_key(row: dict) -> str:
+    return point_key(row["data"], saved_config(row["config"]))
+
+
+def append_row(row: dict, path: Path) -> None:
+    """Append `row` as one JSON line, flushed and synced to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() > 0:  # a line cut short by a crash must not swallow this one
+            file.seek(file.tell() - 1)
+            if file.read(1) != "\n":
+                file.write("\n")
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+# --- running a point -----------------------------------------------------------------------------------
+
+
+def run_point(
+    model,
+    tokenizer,
+    books: Sequence[pg19.Book],
+    point: Point,
+    data: dict,
+    folder: Path,
+    *,
+    batch_books: int = 1,
+    save_every: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Run `point` over every book (resuming its state in `folder`); its JSONL row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = 1 if point.method == "lora" else batch_books
+    rows = []
+    for first in range(0, len(books), size):
+        rows += pg19.run_books(
+            model,
+            tokenizer,
+            books[first : first + size],
+            point.method,
+            point.config,
+            folder,
+            save_every=save_every,
+            progress=progress,
+        )
+    nll_sum, tokens = sum(row["nll_sum"] for row in rows), sum(row["tokens"] for row in rows)
+    return {
+        "method": point.method,
+        "kind": point.kind,
+        "ppl": math.exp(nll_sum / tokens),
+        "seconds": sum(row["seconds"] for row in rows),
+        "trainable_parameters": max(row["trainable_parameters"] for row in rows),
+        "nll_sum": nll_sum,
+        "tokens": tokens,
+        "books": {row["book"]: {"ppl": row["ppl"], "seconds": row["seconds"]} for row in rows},
+        "knobs": point.knobs,
+        "data": data,
+        "config": dataclasses.asdict(point.config),
+    }
+
+
+def run_sweep(
+    model,
+    tokenizer,
+    books: Sequence[pg19.Book],
+    points: Sequence[Point],
+    data: dict,
+    out: Path,
+    *,
+    batch_books: int = 1,
+    save_every: int = 8,
+    progress: bool = True,
+) -> list[dict]:
+    """Run the points not yet in `out`, appending each one's row as it finishes; the rows of `points`."""
+    done = {row_key(row): row for row in read_rows(out)}
+    for number, point in enumerate(points, 1):
+        key = point_key(data, point.config)
+        if key in done:
+            continue
+        folder = out.with_suffix(".state") / f"{point.method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        print(f"[{number}/{len(points)}] {point.method} {point.kind}: {describe(point.knobs)}", flush=True)
+        row = run_point(
+            model,
+            tokenizer,
+            books,
+            point,
+            data,
+            folder,
+            batch_books=batch_books,
+            save_every=save_every,
+            progress=progress,
+        )
+        append_row(row, out)
+        shutil.rmtree(folder)  # the row holds what the sweep needs; a LoRA state is hundreds of MB
+        print(
+            f"    PPL {row['ppl']:.3f}  {row['seconds']:.0f} s  {row['trainable_parameters']:,} parameters", flush=True
+        )
+        done[key] = row
+    return [done[point_key(data, point.config)] for point in points]
+
+
+# --- Pareto fronts, plot, table ------------------------------------------------------------------------
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, ppl) points that no other point beats on both (lower or equal cost and PPL, one of
+    them lower), by increasing cost; of identical points, one."""
+    front, best = [], math.inf
+    for index in sorted(range(len(points)), key=lambda i: points[i]):
+        if points[index][1] < best:
+            front.append(index)
+            best = points[index][1]
+    return front
+
+
+AXES = {"seconds": "wall seconds (all books)", "trainable_parameters": "trainable parameters"}
+
+
+def plot_sweep(rows: Sequence[dict], path: Path) -> None:
+    """PPL against seconds and against trainable parameters: one colour per method, its Pareto front as a line,
+    its paper point circled, and `none` as a dashed line per chunk and window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    methods = [method for method in GRIDS if any(row["method"] == method for row in rows)]
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for axis, cost in zip(axes, AXES, strict=True):
+        for row in (row for row in rows if row["method"] == "none"):
+            knobs = row["knobs"]
+            label = f"none, chunk {knobs['chunk_size']} / window {knobs['context_window']} ({row['ppl']:.2f})"
+            axis.axhline(row["ppl"], color="grey", linestyle="--", linewidth=1, label=label)
+        for method in methods:
+            mine = [row for row in rows if row["method"] == method]
+            xy = [(row[cost], row["ppl"]) for row in mine]
+            axis.scatter(*zip(*xy, strict=True), color=colours[method], alpha=0.45, s=18, label=method)
+            front = [xy[i] for i in pareto_front(xy)]
+            axis.plot(*zip(*front, strict=True), color=colours[method], marker="o", drawstyle="steps-post")
+            paper = [(row[cost], row["ppl"]) for row in mine if row["kind"] == "paper"]
+            if paper:
+                axis.scatter(*zip(*paper, strict=True), s=120, facecolors="none", edgecolors=colours[method])
+        axis.set(xscale="log", xlabel=AXES[cost], ylabel="perplexity (pooled over the books)")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize="small")
+    data = rows[0]["data"]
+    figure.suptitle(
+        f"PG-19 sweep, {len(data['books'])} books x {data['max_tokens']} tokens, {data['model']}: "
+        "Pareto fronts (lines), paper settings (circled)"
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        figure.savefig(partial, format="png", dpi=120)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        partial.unlink(missing_ok=True)
+
+
+def describe(knobs: dict) -> str:
+    return " ".join(f"{name}={value}" for name, value in knobs.items())
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The references, then per method the points on its Pareto front of PPL against seconds (s) or against
+    trainable parameters (p), by increasing seconds, each with its knob values."""
+    lines = []
+    for row in (row for row in rows if row["method"] == "none"):
+        lines.append(f"none: PPL {row['ppl']:.3f} in {row['seconds']:.0f} s ({describe(row['knobs'])})")
+    for method in GRIDS:
+        mine = [row for row in rows if row["method"] == method]
+        if not mine:
+            continue
+        fronts = {
+            flag: set(pareto_front([(row[cost], row["ppl"]) for row in mine]))
+            for flag, cost in (("s", "seconds"), ("p", "trainable_parameters"))
+        }
+        best = sorted(
+            (i for i in range(len(mine)) if any(i in front for front in fronts.values())),
+            key=lambda i: mine[i]["seconds"],
+        )
+        widths = {name: max(len(str(mine[i]["knobs"][name])) for i in best) for name in GRIDS[method]}
+        widths = {name: max(width, len(name)) for name, width in widths.items()}
+        lines += ["", f"{method}: {len(mine)} points; Pareto-best (s: PPL vs seconds, p: PPL vs parameters)"]
+        lines.append(
+            f"{'front':<6}{'PPL':>9}{'seconds':>9}{'params':>12}  " + "  ".join(map(str.rjust, widths, widths.values()))
+        )
+        for i in best:
+            row = mine[i]
+            flags = ",".join(flag for flag, front in fronts.items() if i in front)
+            mark = " (paper)" if row["kind"] == "paper" else ""
+            values = "  ".join(str(row["knobs"][name]).rjust(width) for name, width in widths.items())
+            lines.append(
+                f"{flags:<6}{row['ppl']:>9.3f}{row['seconds']:>9.0f}{row['trainable_parameters']:>12,}  {values}{mark}"
+            )
+        paper = next((row for row in mine if row["kind"] == "paper"), None)
+        if paper is not None:
+            lines.append(f"paper settings: PPL {paper['ppl']:.3f} in {paper['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=PG19, help="folder of PG-19 books (default: %(default)s)")
+    parser.add_argument("--books", type=int, default=4, help="the last N books by file name (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens read per book (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="base chunk (default: %(default)s)")
+    parser.add_argument("--context-window", type=int, default=512, help="window (default: %(default)s)")
+    parser.add_argument("--methods", default="locas,lora", help="methods swept, comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--max-points", type=int, default=16, help="points per method, its paper point included; 0: the whole grid"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the order in which grid points are drawn")
+    parser.add_argument("--model", default=None, help="as `locas --model` (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    parser.add_argument("--batch-books", type=int, default=1, help="locas/none: adapt N books at once")
+    parser.add_argument("--save-every", type=int, default=8, help="save a running point's state every N chunks")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "pg19_sweep" / "points.jsonl")
+    parser.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    parser.add_argument("--plot-only", action="store_true", help="plot and print the points already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    args.methods = [method.strip() for method in args.methods.split(",")]
+    if unknown := [method for method in args.methods if method not in GRIDS]:
+        parser.error(f"--methods: no grid for {', '.join(unknown)}; choose from {', '.join(GRIDS)}")
+    return args
+
+
+def development_books(folder: Path, count: int) -> list[Path]:
+    paths = sorted(folder.glob("*.txt"))
+    if len(paths) < count:
+        raise SystemExit(f"pg19_sweep: {folder} holds {len(paths)} books (.txt), fewer than --books {count}")
+    return paths[-count:]
+
+
+def check_lora_targets(points: Sequence[Point], model) -> None:
+    """Refuse, before any point runs, LoRA targets that the model's family does not have."""
+    from locas.families import family_of
+
+    family = family_of(model)
+    for point in points:
+        names = [name.strip() for name in point.config.lora_targets.split(",")] if point.method == "lora" else []
+        if point.config.lora_targets != "all" and not set(names) <= set(family.lora_targets):
+            raise SystemExit(
+                f"pg19_sweep: lora_targets {point.config.lora_targets!r} are not modules of {family.name} models "
+                f"({','.join(family.lora_targets)}); edit LORA_GRID"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = development_books(args.data, args.books)
+    data = {"model": args.model or "default", "dtype": args.dtype, "books": [path.stem for path in paths]}
+    data["max_tokens"] = args.max_tokens
+    if args.plot_only:
+        return report(args.out, data)
+    base = OnlineConfig(chunk_size=args.chunk_size, context_window=args.context_window)
+    points = sweep_points(base, args.methods, args.max_points or None, args.seed)
+    if args.dry_run:
+        done = {row_key(row) for row in read_rows(args.out)}
+        for number, point in enumerate(points, 1):
+            status = "done" if point_key(data, point.config) in done else "to run"
+            print(f"{number:>3} {point.method:<6} {point.kind:<9} {status:<7} {describe(point.knobs)}")
+        print(f"{len(points)} points on books {', '.join(data['books'])} ({args.max_tokens} tokens each)")
+        return 0
+
+    import torch
+
+    from locas.default_model import load_model
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
+    check_lora_targets(points, model)
+    books = [pg19.read_book(path, tokenizer, args.max_tokens, args.chunk_size) for path in paths]
+    try:
+        rows = run_sweep(
+            model,
+            tokenizer,
+            books,
+            points,
+            data,
+            args.out,
+            batch_books=args.batch_books,
+            save_every=args.save_every,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"pg19_sweep: interrupted; finished points are in {args.out}: run the same command to resume")
+        return 130
+    print(f"{len(rows)} points in {args.out}")
+    return report(args.out, data)
+
+
+def report(out: Path, data: dict) -> int:
+    """Plot and print every point of `out` on the development books `data` describes."""
+    rows = [row for row in read_rows(out) if row["data"] == data]
+    if not rows:
+        print(f"pg19_sweep: {out} holds no finished point on these books ({data})", file=sys.stderr)
+        return 2
+    plot = out.with_suffix(".png")
+    plot_sweep(rows, plot)
+    print(format_table(rows))
+    print(f"wrote {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

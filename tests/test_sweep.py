@@ -1,0 +1,192 @@
+"""benchmarks/pg19_sweep.py on a tiny local model: the points, the JSONL lines and their resume, the Pareto
+fronts against hand-made points, the table and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_fixtures import SENTENCES, TEXT, tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from locas.training.online import OnlineConfig
+
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
+
+
+def load_sweep():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pg19_sweep.py"
+    spec = importlib.util.spec_from_file_location("pg19_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pg19_sweep"] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = load_sweep()
+TINY_GRIDS = {"locas": {"lr": [1e-2, 3e-2], "width": [8]}, "lora": {"lora_rank": [4], "lr": [1e-3, 3e-3]}}
+BASE = OnlineConfig(chunk_size=16, context_window=16)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random 2-layer Llama whose MLP is wide enough for the paper's 64 slots, and two books."""
+    folder = tmp_path_factory.mktemp("sweep")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    books = folder / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(TEXT, encoding="utf-8")
+    (books / "b.txt").write_text(" ".join(reversed(SENTENCES * 3)), encoding="utf-8")
+    return {"model": folder / "model", "books": books}
+
+
+def sweep_argv(files: dict, out: Path, *extra: str) -> list[str]:
+    return [
+        *("--data", str(files["books"]), "--books", "2", "--max-tokens", "64", "--model", str(files["model"])),
+        *("--chunk-size", "16", "--context-window", "16", "--max-points", "2", "--quiet", "--out", str(out), *extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(files: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A whole sweep of the tiny grids: 2 points per method and the `none` reference."""
+    out = tmp_path_factory.mktemp("finished") / "points.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "GRIDS", TINY_GRIDS)
+        assert sweep.main(sweep_argv(files, out)) == 0
+    return {"out": out, "rows": [json.loads(line) for line in out.read_text().splitlines()]}
+
+
+def test_a_sweep_writes_one_line_per_point(finished: dict) -> None:
+    rows = finished["rows"]
+    assert [(row["method"], row["kind"]) for row in rows] == [
+        ("none", "reference"),
+        ("locas", "paper"),
+        ("locas", "grid"),
+        ("lora", "paper"),
+        ("lora", "grid"),
+    ]
+    for row in rows:
+        assert row["data"] == {"model": row["data"]["model"], "dtype": "auto", "books": ["a", "b"], "max_tokens": 64}
+        assert set(row["books"]) == {"a", "b"} and row["tokens"] == 2 * 63
+        assert row["ppl"] == pytest.approx(math.exp(row["nll_sum"] / row["tokens"]))
+        assert row["seconds"] == pytest.approx(sum(book["seconds"] for book in row["books"].values()))
+        assert row["seconds"] > 0 and row["config"]["chunk_size"] == 16
+    params = {(row["method"], row["kind"]): row["trainable_parameters"] for row in rows}
+    assert params["none", "reference"] == 0
+    assert params["locas", "paper"] == 3 * 2 * 64 * 32  # up, gate and down of 64 slots on 2 layers of 32
+    assert params["locas", "grid"] == 3 * 2 * 8 * 32
+    assert params["lora", "paper"] > params["lora", "grid"] > 0  # rank 64 against 4
+    assert rows[1]["knobs"] == {"lr": 4e-3, "width": 64} and rows[4]["knobs"]["lora_rank"] == 4
+    assert not finished["out"].with_suffix(".state").exists() or not any(
+        finished["out"].with_suffix(".state").iterdir()
+    )
+
+
+def test_the_plot_is_written(finished: dict) -> None:
+    assert finished["out"].with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_restarted_sweep_runs_only_the_points_not_in_the_file(
+    files: dict, finished: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "points.jsonl"
+    lines = finished["out"].read_text().splitlines()
+    out.write_text("\n".join(lines[:3]) + '\n{"method": "lo')  # two points missing, the last line cut short
+    ran = []
+    run_books = sweep.pg19.run_books
+
+    def counted(model, tokenizer, books, label, config, *args, **kwargs):
+        ran.append((config.method, config.lr))
+        return run_books(model, tokenizer, books, label, config, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
+    monkeypatch.setattr(sweep.pg19, "run_books", counted)
+    assert sweep.main(sweep_argv(files, out)) == 0
+    lora = sorted((row["method"], row["config"]["lr"]) for row in finished["rows"] if row["method"] == "lora")
+    assert sorted(set(ran)) == lora and len(lora) == 2
+    rows = sweep.read_rows(out)
+    assert [row["method"] for row in rows] == ["none", "locas", "locas", "lora", "lora"]  # the cut line is skipped
+    assert {sweep.row_key(row) for row in rows} == {sweep.row_key(row) for row in finished["rows"]}
+    assert "lora: 2 points" in capsys.readouterr().out
+
+    ran.clear()  # all done: a third run runs nothing, and --dry-run says so
+    assert sweep.main(sweep_argv(files, out)) == 0 and ran == []
+    assert sweep.main(sweep_argv(files, out, "--dry-run")) == 0
+    listing = capsys.readouterr().out
+    assert listing.count(" done ") == 5 and "to run" not in listing
+
+
+def test_other_books_are_other_points(files: dict, finished: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "points.jsonl"
+    out.write_text(finished["out"].read_text())
+    monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
+    assert sweep.main(sweep_argv(files, out, "--max-tokens", "48", "--dry-run")) == 0
+    assert capsys.readouterr().out.count("to run") == 5
+
+
+def test_points_per_method_paper_first_and_stable_as_max_points_grows() -> None:
+    points = sweep.sweep_points(BASE, ["locas", "lora"], max_points=5, seed=1)
+    assert [p.method for p in points].count("locas") == [p.method for p in points].count("lora") == 5
+    locas = [p for p in points if p.method == "locas"]
+    assert locas[0].kind == "paper"
+    assert locas[0].config == OnlineConfig(chunk_size=16, context_window=16, preset="paper").resolved()
+    more = sweep.sweep_points(BASE, ["locas", "lora"], max_points=8, seed=1)
+    assert [p.config for p in more if p.method == "locas"][:5] == [p.config for p in locas]
+    assert len({sweep.config_key(p.config) for p in more}) == len(more)  # no point twice
+    # chunk_size 256 is larger than the 16-token window: those grid points are left out, and so no reference
+    assert all(p.config.chunk_size == 16 for p in more)
+    assert [(p.method, p.config.chunk_size) for p in more if p.method == "none"] == [("none", 16)]
+    whole = sweep.sweep_points(BASE, ["lora"], max_points=None)  # the reference, then the grid (paper's is in it)
+    assert len(whole) == 1 + math.prod(len(values) for key, values in sweep.LORA_GRID.items() if key != "chunk_size")
+
+
+def test_pareto_front_of_hand_made_points() -> None:
+    points = [(1, 10), (2, 9), (2, 8), (3, 8), (4, 5), (0.5, 12), (5, 5), (4, 5), (6, 4)]
+    # (2, 9) and (3, 8) lose to (2, 8); (5, 5) to (4, 5); of the two (4, 5), one
+    assert sweep.pareto_front(points) == [5, 0, 2, 4, 8]
+    assert sweep.pareto_front([]) == [] and sweep.pareto_front([(3, 1)]) == [0]
+
+
+def test_the_table_lists_each_methods_pareto_best_points() -> None:
+    def row(method: str, kind: str, ppl: float, seconds: float, params: int, knobs: dict) -> dict:
+        return dict(method=method, kind=kind, ppl=ppl, seconds=seconds, trainable_parameters=params, knobs=knobs)
+
+    def locas(kind: str, ppl: float, seconds: float, params: int, lr: float) -> dict:
+        return row("locas", kind, ppl, seconds, params, dict.fromkeys(sweep.LOCAS_GRID, "-") | {"lr": lr})
+
+    rows = [
+        row("none", "reference", 50.0, 10.0, 0, {"chunk_size": 512, "context_window": 512}),
+        locas("paper", 45.0, 100, 1000, 0.004),
+        locas("grid", 44.0, 300, 1000, 0.01),  # on the seconds front (better PPL, slower) and the parameters front
+        locas("grid", 46.0, 200, 4000, 0.03),  # beaten on both
+        locas("grid", 47.0, 50, 8000, 0.001),  # fastest: on the seconds front only
+    ]
+    table = sweep.format_table(rows)
+    assert "none: PPL 50.000 in 10 s (chunk_size=512 context_window=512)" in table
+    lines = [line for line in table.splitlines() if line.startswith(("s", "p")) and "PPL" not in line]
+    assert [line.split()[:3] for line in lines] == [
+        ["s", "47.000", "50"],
+        ["s", "45.000", "100"],
+        ["s,p", "44.000", "300"],
+    ]
+    assert "(paper)" in lines[1] and "0.03" not in table
+    assert "paper settings: PPL 45.000 in 100 s" in table
