@@ -179,7 +179,7 @@ def run_point(
 ) -> dict:
     """Run `point` over every book (resuming its state in `folder`); its JSONL row."""
     folder.mkdir(parents=True, exist_ok=True)
-    size = 1 if point.method == "lora" else batch_books
+    size = 1 if point.method == "lora" or point.config.uses_grpo else batch_books
     rows = []
     for first in range(0, len(books), size):
         rows += pg19.run_books(

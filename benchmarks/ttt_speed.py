@@ -106,6 +106,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def measure_window(model, window: int, args, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     chunk = window // 2
     generator = torch.Generator().manual_seed(window)
     documents = [torch.randint(0, model.config.vocab_size, (window,), generator=generator) for _ in range(args.batch)]

@@ -139,7 +139,7 @@ def test_memorize_with_grpo_trains_recall_of_the_text(files: dict, tmp_path: Pat
     argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW, *GRPO_FLAGS]
     code, stdout, err = run(capsys, *argv, "--train-steps", "2", "--loss", loss, "--lr", "0.05")
     assert code == 0, err
-    match = re.search(r"recall reward \(token F1\) (\d\.\d{3}) -> (\d\.\d{3}) over 2 GRPO steps", stdout)
+    match = re.search(r"recall reward \(token F1, held-out prompts\) (\d\.\d{3}) -> (\d\.\d{3}) over 2 GRPO", stdout)
     assert match and all(0 <= float(value) <= 1 for value in match.groups()), stdout
     assert ("training loss" in stdout) == (loss == "ntp+grpo")  # NTP steps only with ntp+grpo
     # 2 prompts x 3 samples, sampled 4 times: the reward before, each of the 2 steps, the reward after

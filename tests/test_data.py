@@ -1,3 +1,4 @@
+import pytest
 import torch
 from cli_fixtures import tiny_tokenizer
 from conftest import tiny_model
@@ -48,3 +49,33 @@ def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
     assert all((ids[:, 0] != bos).all() for ids in seen)
     assert [r.targets for r in without.records] == [r.targets for r in with_bos.records]  # bos is never scored
     assert [r.nll_sum for r in without.records] != [r.nll_sum for r in with_bos.records]
+
+
+def test_probe_windows_and_grpo_prompts_start_with_the_prefix_too(one_thread):
+    from locas.evaluation.forgetting import probe_perplexity
+    from locas.evaluation.pg19 import Book
+    from locas.training.grpo import GrpoSettings, _recall_batch
+
+    tokenizer, bos = bos_tokenizer()
+    tokens = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(0))
+    probe = Book(name="p", path="p.txt", token_ids=tokens)
+    model = tiny_model("llama")
+    plain = probe_perplexity(model, [probe], window=16, progress=False)
+    prefixed = probe_perplexity(model, [probe], window=16, prefix=[bos], progress=False)
+    assert prefixed["tokens"] == plain["tokens"] == 15 + 15 + 7  # the prefix and each window's first token unscored
+    assert prefixed["nll_sum"] != plain["nll_sum"]
+    settings = GrpoSettings(prompt_tokens=6, continuation_tokens=4, prompts_per_chunk=2)
+    prompts, continuations, _ = _recall_batch(tokens, settings, 0, tokenizer)
+    assert prompts.shape == (2, 7) and (prompts[:, 0] == bos).all()
+    plain_prompts, _, _ = _recall_batch(tokens, settings, 0, tiny_tokenizer())
+    assert torch.equal(prompts[:, 1:], plain_prompts)
+
+
+def test_a_saved_run_is_not_resumed_with_another_window_prefix(tmp_path, one_thread):
+    tokenizer, _ = bos_tokenizer()
+    tokens = torch.randint(3, 128, (48,), generator=torch.Generator().manual_seed(0))
+    config = OnlineConfig(method="none", chunk_size=16, context_window=16)
+    state = tmp_path / "state.pt"
+    run_online(tiny_model("llama"), tokens, config, state_path=state, progress=False)
+    with pytest.raises(ValueError, match=r"started its windows with \[\], this one with \[0\]"):
+        run_online(tiny_model("llama"), tokens, config, state_path=state, progress=False, tokenizer=tokenizer)

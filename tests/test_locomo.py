@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_fixtures import tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from locas.evaluation.locomo import (
     CONDITIONS,
@@ -347,17 +347,44 @@ def test_generation_stops_once_the_first_non_empty_line_is_complete(tokenizer):
     assert done("\nin Paris\n")
 
 
-@pytest.mark.parametrize("with_context", [True, False])
-def test_questions_answered_in_a_batch_get_the_answers_they_get_alone(model, tokenizer, with_context):
+def sliding_window_model(tokenizer):
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,  # padding between prompt and question would shift this window
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(("with_context", "sliding"), [(True, False), (False, False), (True, True)])
+def test_questions_answered_in_a_batch_get_the_answers_they_get_alone(model, tokenizer, with_context, sliding):
+    model = sliding_window_model(tokenizer) if sliding else model
     conversation = parse_conversation(synthetic())
     dialogue_ids = tokenizer(render_dialogue(conversation), add_special_tokens=False).input_ids
     questions = conversation.questions * 2  # prompts of different lengths in one batch
     context = dialogue_ids if with_context else None
-    answers = {}
+    answers, masks = {}, []
+
+    def generate(**options):
+        masks.append(options["attention_mask"])
+        return model.generate(**options)
+
     for batch in (1, 3):
         settings = QASettings(prompt_window=400, max_new_tokens=8, answer_batch=batch)
         answers[batch], _ = answer_questions(
-            model, tokenizer, model.generate, conversation, questions, context, settings, progress=False
+            model, tokenizer, generate, conversation, questions, context, settings, progress=False
         )
     assert answers[3] == answers[1]
     assert len(set(answers[1])) > 1  # the questions got different answers: the rows were not mixed up
+    batched = masks[len(questions) :]
+    assert max(len(mask) for mask in batched) > 1  # some questions did share a batch
+    # a sliding window sits at cache positions, so a sliding-window model's batches are never padded
+    assert all(mask.all() for mask in batched) == sliding

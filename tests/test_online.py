@@ -493,3 +493,8 @@ def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches(
         saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tau_rule", "lora_targets", "preset")}
         assert same_settings(saved, config)
         assert not same_settings(saved, dataclasses.replace(config, tau_rule="neuron", lora_targets="q_proj"))
+
+
+def test_ntp_then_grpo_needs_ntp_steps():
+    with pytest.raises(ValueError, match="steps_per_chunk 0 with loss 'ntp\\+grpo' leaves GRPO alone"):
+        OnlineConfig(method="locas", loss="ntp+grpo", steps_per_chunk=0).resolved()

@@ -222,19 +222,22 @@ def command_memorize(args) -> None:
     )
     print(f"memorized {token_ids.numel()} tokens into {memory.width} slots x {memory.num_layers} layers ({args.init})")
     if args.train_steps:
-        rewards = []  # GRPO's: on its first step's prompts and samples, before and after all training
+        rewards = []  # GRPO's, before and after all training, on a draw no step trains on (index train_steps)
         if grpo:
-            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo))
+            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo, args.train_steps))
         if objective.token_loss:
             losses = train_on_windows(locas_model, input_ids, attention_mask, steps=args.train_steps, lr=args.lr)
         if grpo:
             grpo_train_text(locas_model, token_ids, tokenizer, grpo, args.train_steps, lr=args.lr)
-            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo))
+            rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo, args.train_steps))
         if objective.token_loss:
             after = _score(locas_model, tokenizer, input_ids, attention_mask)
             print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {args.train_steps} steps")
         if grpo:
-            print(f"recall reward (token F1) {rewards[0]:.3f} -> {rewards[1]:.3f} over {args.train_steps} GRPO steps")
+            print(
+                f"recall reward (token F1, held-out prompts) {rewards[0]:.3f} -> {rewards[1]:.3f} "
+                f"over {args.train_steps} GRPO steps"
+            )
         memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss=args.loss)
         if grpo:
             memory.metadata.update(grpo=dataclasses.asdict(grpo))

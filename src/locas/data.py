@@ -26,7 +26,7 @@ def read_text(path: str | Path) -> str:
 def window_prefix(tokenizer) -> list[int]:
     """The tokens every window of a text must start with: `[bos]` when the tokenizer puts one in front of
     each text by itself (Gemma, Llama 2/3: models trained to always see it), else none (SmolLM2, GPT-2)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = None if tokenizer is None else getattr(tokenizer, "bos_token_id", None)
     return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
 
 

@@ -102,8 +102,11 @@ class Memory(nn.Module):
         if rows is not None:  # indexing keeps the graph: gradients reach only the picked memories
             up, gate, down = (None if t is None else t[rows] for t in (up, gate, down))
         if up.shape[0] not in (1, x.shape[0]):
+            serving = (
+                f"{up.shape[0]} memories picked by rows" if rows is not None else f"a memory with batch {up.shape[0]}"
+            )
             raise ValueError(
-                f"a memory with batch {up.shape[0]} cannot serve a batch of {x.shape[0]} sequences; "
+                f"{serving} cannot serve a batch of {x.shape[0]} sequences; "
                 "use a memory of batch 1 or one memory per sequence"
             )
         dtype = x.dtype

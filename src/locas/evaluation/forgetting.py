@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from locas.data import window_prefix
 from locas.evaluation.mmlu import Subject, score_mmlu
 from locas.evaluation.pg19 import Book
 from locas.model import token_nll
@@ -82,15 +83,22 @@ def paired_bootstrap(
 
 @torch.no_grad()
 def probe_perplexity(
-    model, probes: Sequence[Book], window: int, *, progress: bool = True, description: str = ""
+    model,
+    probes: Sequence[Book],
+    window: int,
+    *,
+    prefix: Sequence[int] = (),
+    progress: bool = True,
+    description: str = "",
 ) -> dict:
     """Each probe's tokens cut into windows of `window` tokens (a last piece under 2 tokens is dropped), each
-    scored on its own: per window NLL sum and tokens, per probe and pooled perplexity."""
+    scored on its own after `prefix` (`data.window_prefix`: bos for Gemma): per window NLL sum and tokens
+    (the prefix and the window's first token are never scored), per probe and pooled perplexity."""
     pieces = [(probe.name, piece) for probe in probes for piece in probe.token_ids.split(window) if piece.numel() >= 2]
     windows = []
     for name, piece in tqdm(pieces, desc=description, unit="window", disable=not progress):
-        ids = piece.unsqueeze(0).to(model.device)
-        nll_sum = token_nll(model(input_ids=ids, use_cache=False).logits, ids).sum().item()
+        ids = torch.cat([torch.tensor(list(prefix), dtype=piece.dtype), piece]).unsqueeze(0).to(model.device)
+        nll_sum = token_nll(model(input_ids=ids, use_cache=False).logits, ids)[:, len(prefix) :].sum().item()
         windows.append({"probe": name, "nll_sum": nll_sum, "tokens": piece.numel() - 1})
 
     def pooled(rows: list[dict]) -> dict:
@@ -118,7 +126,14 @@ def measure(
     """MMLU (`score_mmlu`) and probe perplexity (`probe_perplexity`) of `model` as it is."""
     return {
         "mmlu": score_mmlu(model, tokenizer, subjects, progress=progress, description=f"MMLU {label}"),
-        "perplexity": probe_perplexity(model, probes, probe_window, progress=progress, description=f"probes {label}"),
+        "perplexity": probe_perplexity(
+            model,
+            probes,
+            probe_window,
+            prefix=window_prefix(tokenizer),
+            progress=progress,
+            description=f"probes {label}",
+        ),
     }
 
 

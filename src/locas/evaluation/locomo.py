@@ -444,6 +444,12 @@ class QASettings:
     reuse_prefix: bool = True  # compute the shared dialogue prefix's KV cache once per conversation
     answer_batch: int = 8  # questions decoded together (padding between the shared prefix and each question)
 
+    def __post_init__(self) -> None:
+        if self.answer_batch < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"answer_batch and max_new_tokens must be >= 1, got {self.answer_batch}, {self.max_new_tokens}"
+            )
+
     def questions(self, conversation: Conversation) -> list[Question]:
         chosen = [q for q in conversation.questions if self.categories is None or q.category in self.categories]
         return chosen[: self.max_questions]
@@ -512,7 +518,9 @@ def answer_questions(
     With `dialogue_ids` the prompt holds as many of the dialogue's last tokens as fit the window with the
     longest question; returns (answers, dialogue tokens in the prompt). ValueError when not even the
     instruction and the question fit. In a batch, each prompt is the shared prefix (the dialogue), then
-    masked padding, then its question: the answers are those of one question at a time.
+    masked padding, then its question: the answers are those of one question at a time. Models with
+    sliding-window attention place their window by cache position, so padding would hide dialogue tokens
+    from it: for them a batch holds questions of one length only (no padding).
     """
     with_context = dialogue_ids is not None
     pieces = [prompt_pieces(tokenizer, question_prompt(q, conversation, with_context, settings)) for q in questions]
@@ -531,10 +539,10 @@ def answer_questions(
             output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
         prefix_cache = output["cache"] if "cache" in output else output["past_key_values"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
+    answers: dict[int, str] = {}
     with tqdm(total=len(prompts), desc=description, unit="question", disable=not progress) as bar:
-        for first in range(0, len(prompts), settings.answer_batch):
-            suffixes = [prompt[len(prefix) :] for prompt in prompts[first : first + settings.answer_batch]]
+        for batch in _answer_batches([len(prompt) for prompt in prompts], settings.answer_batch, _slides(model)):
+            suffixes = [prompts[index][len(prefix) :] for index in batch]
             longest = max(len(suffix) for suffix in suffixes)
             input_ids = torch.tensor([prefix + [pad_id] * (longest - len(x)) + x for x in suffixes], device=device)
             attention_mask = torch.tensor(
@@ -558,11 +566,30 @@ def answer_questions(
                     stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, input_ids.shape[1])]),
                     **options,
                 )
-            for row in output_ids[:, input_ids.shape[1] :]:
+            for index, row in zip(batch, output_ids[:, input_ids.shape[1] :], strict=True):
                 text = tokenizer.decode(row, skip_special_tokens=True)
-                answers.append(text.strip().split("\n")[0].strip())
+                answers[index] = text.strip().split("\n")[0].strip()
             bar.update(len(suffixes))
-    return answers, len(kept)
+    return [answers[index] for index in range(len(prompts))], len(kept)
+
+
+def _slides(model: PreTrainedModel) -> bool:
+    """Whether some attention layer of `model` sees only a sliding window of the cache."""
+    config = model.config
+    return getattr(config, "sliding_window", None) is not None or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    )
+
+
+def _answer_batches(lengths: list[int], size: int, same_length: bool) -> list[list[int]]:
+    """Prompt indices in batches of at most `size`, in order; with `same_length`, each batch holds prompts
+    of one length (grouped, so no padding is needed)."""
+    if not same_length:
+        return [list(range(first, min(first + size, len(lengths)))) for first in range(0, len(lengths), size)]
+    groups: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        groups.setdefault(length, []).append(index)
+    return [group[first : first + size] for group in groups.values() for first in range(0, len(group), size)]
 
 
 # --- evaluation ------------------------------------------------------------------------------------

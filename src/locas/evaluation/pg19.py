@@ -290,7 +290,7 @@ def evaluate(
     share = list(ranks.share(books))
     rows = []
     for label, config in methods.items():
-        size = 1 if config.method == "lora" else batch_books
+        size = 1 if config.method == "lora" or config.uses_grpo else batch_books
         for first in range(0, len(share), size):
             rows += run_books(
                 model,

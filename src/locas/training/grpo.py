@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from locas.data import window_prefix
 from locas.evaluation.token_f1 import token_f1
 from locas.model import LocasModel
 
@@ -324,16 +325,19 @@ def recall_reward(tokenizer) -> RewardFn:
 
 
 def _recall_batch(
-    chunk_ids: torch.Tensor, settings: GrpoSettings, chunk_index: int
+    chunk_ids: torch.Tensor, settings: GrpoSettings, chunk_index: int, tokenizer
 ) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
-    """(prompts, true continuations, seed) of the recall task on a chunk; None when it is too short."""
+    """(prompts, true continuations, seed) of the recall task on a chunk; None when it is too short. Each
+    prompt starts with the tokenizer's window prefix (bos for Gemma), as the trainer's windows do."""
     seed = settings.seed + chunk_index
     pairs = recall_prompts(
         chunk_ids, settings.prompt_tokens, settings.continuation_tokens, settings.prompts_per_chunk, seed
     )
     if not pairs:
         return None
-    return torch.stack([prompt for prompt, _ in pairs]), [continuation for _, continuation in pairs], seed
+    prefix = torch.tensor(window_prefix(tokenizer), dtype=chunk_ids.dtype)
+    prompts = torch.stack([torch.cat([prefix, prompt.cpu()]) for prompt, _ in pairs])
+    return prompts, [continuation for _, continuation in pairs], seed
 
 
 def grpo_train_chunk(
@@ -352,7 +356,7 @@ def grpo_train_chunk(
     seed (prompts and sampling) from chunk to chunk. A chunk shorter than prompt + continuation is not
     trained on: every value is then None. The caller scores the chunk before this (score-first).
     """
-    batch = _recall_batch(chunk_ids, settings, chunk_index)
+    batch = _recall_batch(chunk_ids, settings, chunk_index, tokenizer)
     if batch is None:
         return {"reward": None, "loss": None, "kl": None}
     prompts, continuations, seed = batch
@@ -373,7 +377,7 @@ def mean_recall_reward(
 ) -> float | None:
     """The mean reward of the completions `grpo_train_chunk` would sample for this chunk and index (the
     same prompts and seed), without training; None for a chunk too short for one prompt."""
-    batch = _recall_batch(chunk_ids, settings, chunk_index)
+    batch = _recall_batch(chunk_ids, settings, chunk_index, tokenizer)
     if batch is None:
         return None
     prompts, continuations, seed = batch

@@ -140,6 +140,8 @@ class OnlineConfig:
                     "'ntp+grpo' for NTP steps before GRPO, or grpo_updates_per_batch for more GRPO updates"
                 )
             values["steps_per_chunk"] = 0
+        if self.loss == "ntp+grpo" and self.method == "locas" and self.steps_per_chunk == 0:
+            raise ValueError("steps_per_chunk 0 with loss 'ntp+grpo' leaves GRPO alone: use loss 'grpo'")
         if values["teacher_window"] is None:
             values["teacher_window"] = 4 * self.context_window
         preset = PRESETS[self.preset].get(self.method, {})
@@ -553,9 +555,11 @@ def train_chunk(
 
         return logits
 
-    def nll_sums(logits: torch.Tensor) -> list[float]:
-        nll = F.cross_entropy(logits.detach().float().transpose(1, 2), targets, reduction="none")
-        return [nll[i, :n].sum().item() for i, n in enumerate(counts)]
+    def nll_sums(logits: torch.Tensor) -> list[float]:  # row by row: float32 logits of one row at a time
+        logits = logits.detach()
+        return [
+            F.cross_entropy(logits[i, :n].float(), targets[i, :n], reduction="sum").item() for i, n in enumerate(counts)
+        ]
 
     steps = config.steps_per_chunk if optimizer is not None else 0
     if steps == 0:  # the score, from a forward before any update (training is GRPO alone, or none)
@@ -682,6 +686,8 @@ def run_online_batch(
             name = "the text" if len(documents) == 1 else f"document {index}"
             raise ValueError(f"{name} has {document.numel()} tokens, fewer than one chunk ({config.chunk_size})")
     spans = [chunk_spans(document.numel(), config.chunk_size) for document in documents]
+    if config.method == "locas" and len(documents) > 1 and min(map(len, spans)) <= config.memorize_at:
+        raise ValueError(f"every document must have more than memorize_at={config.memorize_at} chunks")
     fingerprints = [_fingerprint(document) for document in documents]
     results = [OnlineResult(config=config) for _ in documents]
     state_path = None if state_path is None else Path(state_path)
@@ -699,6 +705,11 @@ def run_online_batch(
                 )
             if state["texts"] != fingerprints:
                 raise ValueError(f"the saved run in {state_path} read another text; delete it or choose another output")
+            if state.get("prefix", []) != learner.prefix:
+                raise ValueError(
+                    f"the saved run in {state_path} started its windows with {state.get('prefix', [])}, this one "
+                    f"with {learner.prefix} (the tokenizer's bos); delete it or choose another output"
+                )
             for result, records, final_state in zip(results, state["records"], state["final_states"], strict=True):
                 result.records = [ChunkRecord(**r) for r in records]
                 result.final_state = final_state
@@ -714,6 +725,7 @@ def run_online_batch(
                         "format": 2,
                         "config": dataclasses.asdict(config),
                         "texts": fingerprints,
+                        "prefix": learner.prefix,
                         "records": [[dataclasses.asdict(r) for r in result.records] for result in results],
                         "final_states": [result.final_state for result in results],
                         "learner": learner.state_dict(),
@@ -750,5 +762,5 @@ def run_online_batch(
         for result in results:
             result.trainable_parameters = trainable
             if isinstance(learner, MemoryLearner) and learner.memory is not None:
-                result.memory = Memory(**{k: v for k, v in result.final_state["memory"].items()})
+                result.memory = Memory(**result.final_state["memory"])
     return results
