@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locas.evaluation import pg19
-from locas.training.online import OnlineConfig, saved_config
+from locas.training.online import OnlineConfig, lora_target_modules, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 PG19 = REPO.parent / "shared" / "data" / "pg19"
@@ -393,14 +393,12 @@ def check_lora_targets(points: Sequence[Point], model) -> None:
     """Refuse, before any point runs, LoRA targets that the model's family does not have."""
     from locas.families import family_of
 
-    family = family_of(model)
     for point in points:
-        names = [name.strip() for name in point.config.lora_targets.split(",")] if point.method == "lora" else []
-        if point.config.lora_targets != "all" and not set(names) <= set(family.lora_targets):
-            raise SystemExit(
-                f"pg19_sweep: lora_targets {point.config.lora_targets!r} are not modules of {family.name} models "
-                f"({','.join(family.lora_targets)}); edit LORA_GRID"
-            )
+        if point.method == "lora":
+            try:
+                lora_target_modules(family_of(model), point.config.lora_targets)
+            except ValueError as error:
+                raise SystemExit(f"pg19_sweep: {error}; edit LORA_GRID") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -396,6 +396,19 @@ class MemoryLearner(Learner):
         self.locas_model.detach()
 
 
+def lora_target_modules(family, spec: str) -> list[str]:
+    """The module names `spec` ("all", or names separated by commas) means for a model of `family`; ValueError
+    naming any that the family does not have."""
+    targets = list(family.lora_targets) if spec == "all" else [name.strip() for name in spec.split(",")]
+    unknown = [name for name in targets if name not in family.lora_targets]
+    if unknown:
+        raise ValueError(
+            f"lora_targets {spec!r}: {', '.join(unknown)} is not a module of {family.name} models; "
+            f"choose all or some of {','.join(family.lora_targets)}"
+        )
+    return targets
+
+
 class LoraLearner(Learner):
     """TempLoRA: a LoRA adapter (peft) on the modules `config.lora_targets` names; "all" is the family's
     `lora_targets` (attention q, k, v, o and the MLP projections)."""
@@ -409,15 +422,7 @@ class LoraLearner(Learner):
 
         super().__init__(model, config, batch_size)
         family = family_of(model)
-        targets = (
-            family.lora_targets if config.lora_targets == "all" else [t.strip() for t in config.lora_targets.split(",")]
-        )
-        unknown = [name for name in targets if name not in family.lora_targets]
-        if unknown:
-            raise ValueError(
-                f"lora_targets {config.lora_targets!r}: {', '.join(unknown)} is not a module of {family.name} "
-                f"models; choose all or some of {','.join(family.lora_targets)}"
-            )
+        targets = lora_target_modules(family, config.lora_targets)
         lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
