@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from locas.default_model import load_model
 from locas.evaluation import forgetting, mmlu
-from locas.evaluation.pg19 import open_state_folder, read_book, write_json
+from locas.evaluation.pg19 import open_state_folder, read_book, save_figure, write_json
 from locas.training.online import OnlineConfig, same_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,13 +105,7 @@ def plot(results: dict, path: Path) -> None:
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle(f"after memorising book {results['book']} ({results['settings']['max_tokens']} tokens)")
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        figure.savefig(partial, format="png", dpi=120)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        partial.unlink(missing_ok=True)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from locas.data import read_text, split_windows
 from locas.default_model import load_model
+from locas.evaluation.pg19 import save_figure
 from locas.model import LocasModel
 from locas.training import train_on_windows
 from locas.training.grpo import GrpoSettings, grpo_train_text, mean_recall_reward
@@ -98,8 +99,7 @@ def plot(results: dict, path: Path) -> None:
         axis.set_title(title)
     figure.suptitle(f"memory r={results['settings']['width']}, {results['settings']['steps']} steps per objective")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

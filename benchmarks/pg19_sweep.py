@@ -300,13 +300,7 @@ def plot_sweep(rows: Sequence[dict], path: Path) -> None:
     )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        figure.savefig(partial, format="png", dpi=120)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        partial.unlink(missing_ok=True)
+    pg19.save_figure(figure, path)
 
 
 def describe(knobs: dict) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from locas.evaluation.pg19 import save_figure
 from locas.memorize import memorize
 from locas.merge import to_dense
 from locas.training.online import OnlineConfig, _optimizer, make_learner, train_chunk
@@ -180,8 +181,7 @@ def plot(results: dict, path: Path) -> None:
     axis.set_title(f"{results['model']} ({results['dtype']}, {results['device']}), r={results['rank']}")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
+from locas.evaluation.pg19 import save_figure
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
 from locas.model import LocasModel
@@ -717,8 +718,7 @@ def plot_scores(summary: dict[str, dict[str, float]], path: str | Path, title: s
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return path
 
 

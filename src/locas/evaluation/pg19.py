@@ -320,6 +320,21 @@ def evaluate(
 # --- outputs ---------------------------------------------------------------------------------------
 
 
+def save_figure(figure, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a partial file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        figure.savefig(partial, format="png", dpi=120)
+        os.replace(partial, path)
+    finally:
+        plt.close(figure)
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def write_json(value: object, path: str | Path) -> None:
     """Write `value` as JSON atomically: a partial file, then a rename (safe for several writers)."""
     path = Path(path)
@@ -358,13 +373,7 @@ def plot_curves(results: dict, path: Path) -> None:
         axis.set_visible(False)
     figure.suptitle("PG-19, online score-first: perplexity of the book so far")
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        figure.savefig(partial, format="png", dpi=120)
-        os.replace(partial, path)
-    finally:
-        plt.close(figure)
-        partial.unlink(missing_ok=True)
+    save_figure(figure, path)
 
 
 def format_table(results: dict) -> str:
