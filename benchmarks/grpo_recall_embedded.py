@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from locas.data import read_text, split_windows
 from locas.default_model import load_model
-from locas.evaluation.pg19 import save_figure
+from locas.evaluation.pg19 import save_figure, write_json
 from locas.model import LocasModel
 from locas.training import train_on_windows
 from locas.training.grpo import GrpoSettings, grpo_train_text, mean_recall_reward
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(results, args.out)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return results

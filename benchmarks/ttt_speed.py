@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from locas.evaluation.pg19 import save_figure
+from locas.evaluation.pg19 import save_figure, write_json
 from locas.memorize import memorize
 from locas.merge import to_dense
 from locas.training.online import OnlineConfig, _optimizer, make_learner, train_chunk
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["windows"].append(row)
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(results, args.out)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return results

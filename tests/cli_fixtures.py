@@ -33,13 +33,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
 
 
-def save_tiny_model(folder: Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int, seed: int) -> Path:
-    """A random 2-layer Llama of the given width, saved with the tokenizer as a from_pretrained folder."""
+def save_tiny_model(
+    folder: Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int, seed: int, intermediate_size: int = 48
+) -> Path:
+    """A random 2-layer Llama of the given widths, saved with the tokenizer as a from_pretrained folder."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=48,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_fixtures import tiny_tokenizer
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from locas.evaluation.locomo import (
     CONDITIONS,
@@ -66,10 +66,10 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def dialogue_model(tokenizer, config_class=LlamaConfig, **options):
+    """A random 2-layer model of `config_class` with the tiny tokenizer's vocabulary and a 1,024-token window."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=48,
@@ -78,8 +78,14 @@ def model(tokenizer):
         num_key_value_heads=2,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
+        **options,
     )
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return dialogue_model(tokenizer)
 
 
 # --- the file --------------------------------------------------------------------------------------
@@ -347,26 +353,10 @@ def test_generation_stops_once_the_first_non_empty_line_is_complete(tokenizer):
     assert done("\nin Paris\n")
 
 
-def sliding_window_model(tokenizer):
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=8,  # padding between prompt and question would shift this window
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 @pytest.mark.parametrize(("with_context", "sliding"), [(True, False), (False, False), (True, True)])
 def test_questions_answered_in_a_batch_get_the_answers_they_get_alone(model, tokenizer, with_context, sliding):
-    model = sliding_window_model(tokenizer) if sliding else model
+    # a sliding window of 8: padding between prompt and question would shift it
+    model = dialogue_model(tokenizer, Gemma3TextConfig, head_dim=8, sliding_window=8) if sliding else model
     conversation = parse_conversation(synthetic())
     dialogue_ids = tokenizer(render_dialogue(conversation), add_special_tokens=False).input_ids
     questions = conversation.questions * 2  # prompts of different lengths in one batch

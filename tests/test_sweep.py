@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from cli_fixtures import SENTENCES, TEXT, tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from cli_fixtures import SENTENCES, TEXT, save_tiny_model, tiny_tokenizer
 
 from locas.training.online import OnlineConfig
 
@@ -37,20 +35,7 @@ BASE = OnlineConfig(chunk_size=16, context_window=16)
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A random 2-layer Llama whose MLP is wide enough for the paper's 64 slots, and two books."""
     folder = tmp_path_factory.mktemp("sweep")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    save_tiny_model(folder / "model", tiny_tokenizer(), hidden_size=32, seed=0, intermediate_size=80)
     books = folder / "books"
     books.mkdir()
     (books / "a.txt").write_text(TEXT, encoding="utf-8")

@@ -12,6 +12,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +64,24 @@ def token_nll(
     if attention_mask is not None:
         nll = nll * attention_mask[:, 1:].to(nll.dtype)
     return nll
+
+
+@dataclass
+class PrefixCache:
+    """The KV cache of a token prefix that many inputs share (computed once, copied for each use)."""
+
+    ids: list[int]
+    cache: object
+    keyword: str  # the cache's argument name: `cache` in recent transformers, `past_key_values` before
+
+
+@torch.no_grad()
+def encode_prefix(model: PreTrainedModel, ids: list[int]) -> PrefixCache:
+    """Run `ids` once and keep their KV cache (pass a `copy.deepcopy` of `.cache` as `.keyword`: a forward
+    extends the cache it is given)."""
+    output = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+    keyword = "cache" if "cache" in output else "past_key_values"
+    return PrefixCache(ids, output[keyword], keyword)
 
 
 def check_memory(memory: Memory, model: PreTrainedModel) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -46,10 +45,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
-from locas.evaluation.pg19 import save_figure
+from locas.evaluation.pg19 import save_figure, write_json
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
-from locas.model import LocasModel
+from locas.model import LocasModel, encode_prefix
 from locas.training.online import OnlineConfig, OnlineResult, run_online, same_settings, trained
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
@@ -487,11 +486,6 @@ def prompt_window(model: PreTrainedModel, settings: QASettings) -> int:
     return window
 
 
-def _cache_keyword(model: PreTrainedModel) -> str:
-    """The KV cache's argument name: `cache` in recent transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class FirstLineDone(StoppingCriteria):
     """Stops generating once the answer's first non-empty line is complete: the answer keeps only that line."""
 
@@ -534,11 +528,7 @@ def answer_questions(
     # The prefix every prompt shares (the instruction header and the dialogue): computed once, cached.
     prefix = pieces[0][0] + kept if with_context and all(b == pieces[0][0] for b, _ in pieces) else []
     device = model.device
-    prefix_cache, cache_keyword = None, _cache_keyword(model)
-    if prefix and settings.reuse_prefix:
-        with torch.no_grad():
-            output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-        prefix_cache = output["cache"] if "cache" in output else output["past_key_values"]
+    prefix_cache = encode_prefix(model, prefix) if prefix and settings.reuse_prefix else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: dict[int, str] = {}
     with tqdm(total=len(prompts), desc=description, unit="question", disable=not progress) as bar:
@@ -551,9 +541,9 @@ def answer_questions(
             )
             options = {}
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
+                cache = copy.deepcopy(prefix_cache.cache)
                 cache.batch_repeat_interleave(len(suffixes))
-                options[cache_keyword] = cache
+                options[prefix_cache.keyword] = cache
             with torch.no_grad():
                 output_ids = generate(
                     input_ids=input_ids,
@@ -820,12 +810,7 @@ def write_results(results: dict, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results.json"
-    temporary = path.with_name(path.name + ".partial")
-    try:
-        temporary.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_json(results, path)
     if results["scores"]:
         plot_scores(results["scores"], output_dir / "locomo.png")
     return path

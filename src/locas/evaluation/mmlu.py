@@ -47,6 +47,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from locas.model import PrefixCache, encode_prefix
+
 HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 LETTERS = "ABCD"
 ROW_FIX = "each row needs a question, four choices and an answer 0-3 (0 = A)"
@@ -211,24 +213,8 @@ def model_window(model) -> int:
     return config.max_position_embeddings
 
 
-@dataclass
-class HeadCache:
-    """The KV cache of a subject's shared head (header and shots), computed once for all its questions."""
-
-    ids: list[int]
-    cache: object
-    keyword: str  # the cache's argument name: `cache` in recent transformers, `past_key_values` before
-
-
 @torch.no_grad()
-def encode_head(model, head_ids: list[int]) -> HeadCache:
-    output = model(input_ids=torch.tensor([head_ids], device=model.device), use_cache=True, logits_to_keep=1)
-    keyword = "cache" if "cache" in output else "past_key_values"
-    return HeadCache(head_ids, output[keyword], keyword)
-
-
-@torch.no_grad()
-def letter_logprobs(model, input_ids: list[int], letters: list[int], head: HeadCache | None = None) -> list[float]:
+def letter_logprobs(model, input_ids: list[int], letters: list[int], head: PrefixCache | None = None) -> list[float]:
     """Log-probabilities of the `letters` tokens after `input_ids` (the last position only), in one forward
     pass; over only the tokens after `head` when `input_ids` starts with it."""
     options, start = {}, 0
@@ -295,7 +281,7 @@ def score_mmlu(
                 ids, shots, truncated = prompt_ids(tokenizer, question, subject.dev, window, prefix)
                 if reuse_head and head is None and shots == len(subject.dev):
                     shared = min(shared_length(head_ids, ids), len(ids) - 1)
-                    head = encode_head(model, ids[:shared]) if shared > 0 else None
+                    head = encode_prefix(model, ids[:shared]) if shared > 0 else None
                 logprobs = letter_logprobs(model, ids, letters, head)
                 prediction = max(range(len(LETTERS)), key=logprobs.__getitem__)
                 records.append(
