@@ -8,6 +8,8 @@ for every method; probes: the first 4,096 tokens of books 1684 and 17769, window
 
     python benchmarks/forgetting_embedded.py
 
+`--no-mmlu` measures the probe perplexity only (a quick check of minutes; the MMLU folder is not read).
+
 The output folder (default runs/forgetting_embedded/) holds `base.json` (the model without memory),
 `METHOD.json` per method, `results.json` (all of it) and `forgetting.png`. Started again, the script skips
 what finished (the base measurement, finished methods) and resumes a method's training from `METHOD.state.pt`;
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pg19", type=Path, default=DATA / "pg19", help="folder of PG-19 books (.txt)")
     parser.add_argument("--mmlu", type=Path, default=DATA / "mmlu", help="MMLU folder (test/, dev/)")
+    parser.add_argument("--no-mmlu", action="store_true", help="probe perplexity only: no MMLU loaded or scored")
     parser.add_argument("--book", default="349", help="the book trained on (file stem)")
     parser.add_argument("--probes", nargs="+", default=["1684", "17769"], help="held-out books (file stems)")
     parser.add_argument("--max-tokens", type=int, default=32_768, help="tokens of the book trained on")
@@ -76,7 +79,8 @@ def run_method(model, tokenizer, args, method: str, book, subjects, probes, base
 
 
 def plot(results: dict, path: Path) -> None:
-    """MMLU accuracy and pooled probe perplexity per model; error bars: the 95% interval of the change from base."""
+    """MMLU accuracy (when measured) and pooled probe perplexity per model; error bars: the 95% interval of the
+    change from base."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,12 +88,11 @@ def plot(results: dict, path: Path) -> None:
 
     base, methods = results["base"], results["methods"]
     labels = ["base", *methods]
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    panels = [
-        (axes[0], "MMLU accuracy (%)", 100 * base["mmlu"]["micro_accuracy"], "mmlu_micro_accuracy", 100),
-        (axes[1], "probe perplexity (pooled)", base["perplexity"]["ppl"], "ppl", 1),
-    ]
-    for axis, title, base_value, key, scale in panels:
+    panels = [("probe perplexity (pooled)", base["perplexity"]["ppl"], "ppl", 1)]
+    if "mmlu" in base:
+        panels.insert(0, ("MMLU accuracy (%)", 100 * base["mmlu"]["micro_accuracy"], "mmlu_micro_accuracy", 100))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, (title, base_value, key, scale) in zip(axes[0], panels, strict=True):
         changes = [methods[m]["deltas"][key] for m in methods]
         values = [base_value] + [scale * change["after"] for change in changes]
         below = [0] + [scale * (change["delta"] - change["low"]) for change in changes]
@@ -114,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     settings.pop("methods")
     settings.pop("out")
+    if args.no_mmlu:  # the MMLU options are not read
+        settings.update(mmlu=None, shots=None, limit_per_subject=None, subjects=None)
+    else:
+        settings.pop("no_mmlu")  # the settings of a run with MMLU as before this option
     args.out.mkdir(parents=True, exist_ok=True)
     open_state_folder(args.out, {"model": "default", **settings})
-    subjects = mmlu.load_mmlu(args.mmlu, subjects_asked, args.limit_per_subject, args.shots)
+    subjects = [] if args.no_mmlu else mmlu.load_mmlu(args.mmlu, subjects_asked, args.limit_per_subject, args.shots)
     model, tokenizer = load_model()
     book = read_book(args.pg19 / f"{args.book}.txt", tokenizer, args.max_tokens, args.chunk_size)
     probes = [read_book(args.pg19 / f"{name}.txt", tokenizer, args.probe_tokens, 2) for name in args.probes]

@@ -1,10 +1,10 @@
 """Sweep the knobs of Locas and TempLoRA on PG-19 development books: perplexity against wall time and against
 trainable parameters, with each method's Pareto front (issue 8).
 
-Every method gets the same number of points (--max-points, default 16): its paper point (`--preset paper`), then
-points drawn without replacement from its grid below (in --seed's order, so a larger --max-points keeps the points
-drawn before). A grid point is the paper's settings with the point's knob values; None is the sweep's base value
-(--chunk-size). `none` (the backbone, same window) runs once per chunk and window as the reference.
+Every method gets the same number of points: its paper point (`--preset paper`), then the points of its grid
+below, in order (`--grid focused`, the default, or `wide`; --max-points N keeps each method's first N). A grid
+point is the paper's settings with the point's knob values; None is the sweep's base value (--chunk-size).
+`none` (the backbone, same window) runs once per chunk and window as the reference.
 
 A point runs every development book online, score-first (`pg19.run_books`, one book at a time unless
 --batch-books), and as soon as it finishes its line is appended to --out (JSONL): pooled PPL, wall seconds (sum
@@ -14,8 +14,8 @@ and resumes an interrupted point from its state (saved every --save-every chunks
 with --plot-only, it plots PPL against seconds and against trainable parameters (OUT .png) and prints each
 method's Pareto-best points.
 
-Development books: the first --max-tokens tokens of the last --books books of --data by file name (so not the
-books that pg19_embedded.py evaluates, the first ones).
+Development books: the first --max-tokens tokens (default 4,096: what 2 CPU cores sweep in a few hours; take 32K
+on a GPU) of the last --books books of --data by file name (so not the books pg19_embedded.py evaluates).
 
     python benchmarks/pg19_sweep.py --dry-run       # list the points (done or to run)
     python benchmarks/pg19_sweep.py                 # run them; after Ctrl-C the same command resumes
@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 import sys
 from collections.abc import Sequence
@@ -39,46 +38,75 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locas.evaluation import pg19
-from locas.training.online import OnlineConfig, lora_target_modules, saved_config
+from locas.training.online import PRESETS, OnlineConfig, lora_target_modules, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 PG19 = REPO.parent / "shared" / "data" / "pg19"
 
-# Locas: learning rate and steps, width and output scale, what and when to memorize, growth, loss, chunk.
-LOCAS_GRID = {
-    "lr": [1e-3, 4e-3, 1e-2, 3e-2],
-    "steps_per_chunk": [1, 2],
-    "width": [64, 256],
-    "tau_rule": ["paper", "neuron"],
-    "memory_init": ["highest", "random_index"],
-    "memorize_at": [0, 2],
-    "grow_by": [0, 8],
-    "loss": ["ntp", "sd", "mix"],
-    "chunk_size": [None, 256],
+# Each method's grid: sub-grids, each the product of its knob values, run in this order (the most telling points
+# first, so that --max-points keeps them). A knob a point leaves out has the paper's value; None is the sweep's base
+# value (--chunk-size). Focused on what the 8K-token study of issue 8 left open: under the per-slot output scale
+# (`tau_rule` neuron) the learning rate and steps, then the width; TempLoRA gets as many points, around its
+# tuned learning rate, then a smaller rank.
+LOCAS_GRID = [
+    {"tau_rule": ["neuron"], "lr": [4e-3, 2e-3, 1e-2], "steps_per_chunk": [1, 2]},
+    {"tau_rule": ["neuron"], "width": [16, 256]},
+]
+LORA_GRID = [
+    {"lr": [5e-4, 2e-4, 2e-3], "steps_per_chunk": [1, 2]},
+    {"lora_rank": [16], "lr": [5e-4, 2e-3], "steps_per_chunk": [1]},
+]
+# A wider search for a machine with time to spare (`--grid wide`): the same knobs and more, every combination.
+WIDE_LOCAS_GRID = [
+    {
+        "lr": [1e-3, 4e-3, 1e-2, 3e-2],
+        "steps_per_chunk": [1, 2],
+        "width": [64, 256],
+        "tau_rule": ["paper", "neuron"],
+        "memory_init": ["highest", "random_index"],
+        "memorize_at": [0, 2],
+        "grow_by": [0, 8],
+        "loss": ["ntp", "sd", "mix"],
+        "chunk_size": [None, 256],
+    }
+]
+WIDE_LORA_GRID = [
+    {
+        "lora_rank": [8, 16, 64],
+        "lora_alpha": [16.0, 64.0, 128.0],
+        "lr": [5e-5, 2e-4, 1e-3, 3e-3],
+        "steps_per_chunk": [1, 2],
+        "lora_targets": ["all", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj,down_proj"],
+        "chunk_size": [None, 256],
+    }
+]
+GRIDS = {
+    "focused": {"locas": LOCAS_GRID, "lora": LORA_GRID},
+    "presets": {"locas": [], "lora": []},  # the paper and default points only (e.g. to check another model)
+    "wide": {"locas": WIDE_LOCAS_GRID, "lora": WIDE_LORA_GRID},
 }
-# TempLoRA: rank and scale, learning rate and steps, which modules (Llama-family names), chunk.
-LORA_GRID = {
-    "lora_rank": [8, 16, 64],
-    "lora_alpha": [16.0, 64.0, 128.0],
-    "lr": [5e-5, 2e-4, 1e-3, 3e-3],
-    "steps_per_chunk": [1, 2],
-    "lora_targets": ["all", "q_proj,k_proj,v_proj,o_proj", "gate_proj,up_proj,down_proj"],
-    "chunk_size": [None, 256],
-}
-GRIDS = {"locas": LOCAS_GRID, "lora": LORA_GRID}
+METHODS = ("locas", "lora")
 REFERENCE_KNOBS = ["chunk_size", "context_window"]
 
 
 @dataclass
 class Point:
     method: str
-    kind: str  # "paper" (the method's paper preset), "grid", or "reference" (none)
+    kind: str  # "paper" or "default" (the method's preset), "grid", or "reference" (none)
     config: OnlineConfig  # resolved
 
     @property
     def knobs(self) -> dict:
         """The values of the knobs the method's grid varies (the chunk and window for `none`)."""
-        return {name: getattr(self.config, name) for name in GRIDS.get(self.method, REFERENCE_KNOBS)}
+        return {name: getattr(self.config, name) for name in knob_names(self.method)}
+
+
+def knob_names(method: str) -> list[str]:
+    """The knobs any grid of `method` varies, in order (the chunk and window for `none`)."""
+    if method not in METHODS:
+        return REFERENCE_KNOBS
+    grids = [sub_grid for grid in GRIDS.values() for sub_grid in grid[method]]
+    return list(dict.fromkeys(name for sub_grid in grids for name in sub_grid))
 
 
 def config_fields(config: OnlineConfig) -> dict:
@@ -95,21 +123,29 @@ def point_key(data: dict, config: OnlineConfig) -> str:
     return json.dumps({"data": data, "config": config_fields(config)}, sort_keys=True)
 
 
-def grid_combinations(grid: dict[str, list]) -> list[dict]:
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+def grid_combinations(sub_grids: Sequence[dict[str, list]]) -> list[dict]:
+    """Every combination of each sub-grid's knob values, sub-grid after sub-grid."""
+    return [
+        dict(zip(sub_grid, values, strict=True))
+        for sub_grid in sub_grids
+        for values in itertools.product(*sub_grid.values())
+    ]
 
 
-def sweep_points(base: OnlineConfig, methods: Sequence[str], max_points: int | None, seed: int = 0) -> list[Point]:
-    """The `none` references, then per method its paper point and up to `max_points` - 1 grid points (None:
-    the whole grid) in `seed`'s order. `base` holds the chunk, window and training seed; grid points that the
-    trainer refuses (e.g. a chunk larger than the window) or that repeat a point are left out."""
+def sweep_points(
+    base: OnlineConfig, methods: Sequence[str], max_points: int | None, grid: str = "focused"
+) -> list[Point]:
+    """The `none` references, then per method its paper point, its default point (`--preset default`, unless
+    the same) and its grid's points in order, `max_points` in all (None: every one). `base` holds the chunk,
+    window and training seed; grid points that the trainer refuses (e.g. a chunk larger than the window) or
+    that repeat a point are left out."""
     points = []
     for method in methods:
         paper = dataclasses.replace(base, method=method, preset="paper").resolved()
+        default = dataclasses.replace(base, method=method, preset="default").resolved()
         chosen = {config_key(paper): Point(method, "paper", paper)}
-        combinations = grid_combinations(GRIDS[method])
-        random.Random(seed).shuffle(combinations)
-        for values in combinations:
+        chosen.setdefault(config_key(default), Point(method, "default", default))
+        for values in grid_combinations(GRIDS[grid][method]):
             if max_points is not None and len(chosen) >= max_points:
                 break
             values = {name: value for name, value in values.items() if value is not None}
@@ -262,19 +298,30 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def presets_of(row: dict) -> list[str]:
+    """The presets (of `PRESETS`, as they are now) whose settings a row's point ran with."""
+    config = saved_config(row["config"])
+    same_window = {name: getattr(config, name) for name in ("method", "chunk_size", "context_window", "seed")}
+    return [
+        preset
+        for preset in PRESETS
+        if config_key(OnlineConfig(**same_window, preset=preset).resolved()) == config_key(config)
+    ]
+
+
 AXES = {"seconds": "wall seconds (all books)", "trainable_parameters": "trainable parameters"}
 
 
 def plot_sweep(rows: Sequence[dict], path: Path) -> None:
     """PPL against seconds and against trainable parameters: one colour per method, its Pareto front as a line,
-    its paper point circled, and `none` as a dashed line per chunk and window."""
+    its paper point circled, its default point starred, and `none` as a dashed line per chunk and window."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    methods = [method for method in GRIDS if any(row["method"] == method for row in rows)]
+    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for axis, cost in zip(axes, AXES, strict=True):
         for row in (row for row in rows if row["method"] == "none"):
@@ -287,16 +334,18 @@ def plot_sweep(rows: Sequence[dict], path: Path) -> None:
             axis.scatter(*zip(*xy, strict=True), color=colours[method], alpha=0.45, s=18, label=method)
             front = [xy[i] for i in pareto_front(xy)]
             axis.plot(*zip(*front, strict=True), color=colours[method], marker="o", drawstyle="steps-post")
-            paper = [(row[cost], row["ppl"]) for row in mine if row["kind"] == "paper"]
-            if paper:
-                axis.scatter(*zip(*paper, strict=True), s=120, facecolors="none", edgecolors=colours[method])
+            for preset, marker in (("paper", "o"), ("default", "*")):
+                marked = [(row[cost], row["ppl"]) for row in mine if preset in presets_of(row)]
+                if marked:
+                    xs, ys = zip(*marked, strict=True)
+                    axis.scatter(xs, ys, s=160, marker=marker, facecolors="none", edgecolors=colours[method])
         axis.set(xscale="log", xlabel=AXES[cost], ylabel="perplexity (pooled over the books)")
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize="small")
     data = rows[0]["data"]
     figure.suptitle(
         f"PG-19 sweep, {len(data['books'])} books x {data['max_tokens']} tokens, {data['model']}: "
-        "Pareto fronts (lines), paper settings (circled)"
+        "Pareto fronts (lines), paper settings (circled), default settings (starred)"
     )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +362,7 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = []
     for row in (row for row in rows if row["method"] == "none"):
         lines.append(f"none: PPL {row['ppl']:.3f} in {row['seconds']:.0f} s ({describe(row['knobs'])})")
-    for method in GRIDS:
+    for method in METHODS:
         mine = [row for row in rows if row["method"] == method]
         if not mine:
             continue
@@ -325,7 +374,8 @@ def format_table(rows: Sequence[dict]) -> str:
             (i for i in range(len(mine)) if any(i in front for front in fronts.values())),
             key=lambda i: mine[i]["seconds"],
         )
-        widths = {name: max(len(str(mine[i]["knobs"][name])) for i in best) for name in GRIDS[method]}
+        varied = [name for name in knob_names(method) if len({str(row["knobs"].get(name)) for row in mine}) > 1]
+        widths = {name: max(len(str(mine[i]["knobs"][name])) for i in best) for name in varied}
         widths = {name: max(width, len(name)) for name, width in widths.items()}
         lines += ["", f"{method}: {len(mine)} points; Pareto-best (s: PPL vs seconds, p: PPL vs parameters)"]
         lines.append(
@@ -334,14 +384,18 @@ def format_table(rows: Sequence[dict]) -> str:
         for i in best:
             row = mine[i]
             flags = ",".join(flag for flag, front in fronts.items() if i in front)
-            mark = " (paper)" if row["kind"] == "paper" else ""
+            mark = "".join(f" ({preset})" for preset in presets_of(row))
             values = "  ".join(str(row["knobs"][name]).rjust(width) for name, width in widths.items())
             lines.append(
                 f"{flags:<6}{row['ppl']:>9.3f}{row['seconds']:>9.0f}{row['trainable_parameters']:>12,}  {values}{mark}"
             )
-        paper = next((row for row in mine if row["kind"] == "paper"), None)
-        if paper is not None:
-            lines.append(f"paper settings: PPL {paper['ppl']:.3f} in {paper['seconds']:.0f} s")
+        for preset in PRESETS:
+            row = next((row for row in mine if preset in presets_of(row)), None)
+            if row is not None:
+                lines.append(
+                    f"{preset} settings: PPL {row['ppl']:.3f} in {row['seconds']:.0f} s, "
+                    f"{row['trainable_parameters']:,} parameters"
+                )
     return "\n".join(lines)
 
 
@@ -352,14 +406,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=PG19, help="folder of PG-19 books (default: %(default)s)")
     parser.add_argument("--books", type=int, default=4, help="the last N books by file name (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=32768, help="tokens read per book (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens read per book (default: %(default)s)")
     parser.add_argument("--chunk-size", type=int, default=512, help="base chunk (default: %(default)s)")
     parser.add_argument("--context-window", type=int, default=512, help="window (default: %(default)s)")
     parser.add_argument("--methods", default="locas,lora", help="methods swept, comma-separated (default: %(default)s)")
     parser.add_argument(
-        "--max-points", type=int, default=16, help="points per method, its paper point included; 0: the whole grid"
+        "--max-points", type=int, default=0, help="points per method, its paper point included (default 0: all)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the order in which grid points are drawn")
+    parser.add_argument("--grid", default="focused", choices=list(GRIDS), help="which grids (default: %(default)s)")
     parser.add_argument("--model", default=None, help="as `locas --model` (default: the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
@@ -371,8 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.methods = [method.strip() for method in args.methods.split(",")]
-    if unknown := [method for method in args.methods if method not in GRIDS]:
-        parser.error(f"--methods: no grid for {', '.join(unknown)}; choose from {', '.join(GRIDS)}")
+    if unknown := [method for method in args.methods if method not in METHODS]:
+        parser.error(f"--methods: no grid for {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return args
 
 
@@ -403,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         return report(args.out, data)
     base = OnlineConfig(chunk_size=args.chunk_size, context_window=args.context_window)
-    points = sweep_points(base, args.methods, args.max_points or None, args.seed)
+    points = sweep_points(base, args.methods, args.max_points or None, args.grid)
     if args.dry_run:
         done = {row_key(row) for row in read_rows(args.out)}
         for number, point in enumerate(points, 1):

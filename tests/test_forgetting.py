@@ -1,9 +1,11 @@
 """Forgetting: the paired bootstrap on hand-checkable data, probe perplexity, the comparison, and
 `evaluate_forgetting` / `locas eval forgetting` end to end on a tiny model (the backbone given back unchanged,
-the training resumed from its state file, one clear line per bad input)."""
+the training resumed from its state file, one clear line per bad input), with MMLU and without it (the probe
+perplexity only, also in benchmarks/forgetting_embedded.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,7 +19,7 @@ from test_mmlu import write_mmlu
 from transformers import AutoModelForCausalLM
 
 import locas.default_model
-from locas.evaluation import forgetting, mmlu
+from locas.evaluation import forgetting, mmlu, pg19
 from locas.evaluation.forgetting import paired_bootstrap, pooled_perplexity
 from locas.evaluation.pg19 import Book, read_book
 from locas.model import token_nll
@@ -128,6 +130,24 @@ def test_compare_reports_the_changes_from_base_to_adapted() -> None:
         forgetting.compare(base, other)
 
 
+def test_compare_and_the_summary_without_mmlu_give_the_perplexity_only() -> None:
+    base = measured([True], ["a"], [(4.0, 2), (4.0, 2)])
+    adapted = measured([True], ["a"], [(2.0, 2), (2.0, 2)])
+    del base["mmlu"], adapted["mmlu"]
+    deltas = forgetting.compare(base, adapted, resamples=300)
+    assert set(deltas) == {"ppl", "ppl_per_probe"}
+    assert deltas["ppl"]["delta"] == pytest.approx(math.e - math.exp(2))
+    assert deltas["ppl_per_probe"]["p"] == deltas["ppl"]
+    with pytest.raises(ValueError, match="only one of the base and adapted results holds MMLU"):
+        forgetting.compare(measured([True], ["a"], [(4.0, 2)]), adapted)
+    book, training = {"name": "b"}, {"tokens_scored": 63, "online_ppl": 9.0}
+    summary = forgetting.format_summary(
+        {"config": {"method": "lora"}, "book": book, "training": training, "deltas": deltas, "adapted": adapted}
+    )
+    assert "MMLU" not in summary and summary.splitlines()[0].startswith("lora on b (63 tokens")
+    assert [row.split()[2] for row in summary.splitlines()[1:]] == ["(pooled)", "p"]  # "probe PPL NAME ..."
+
+
 @pytest.mark.parametrize("method", ["locas", "lora"])
 def test_evaluate_forgetting_measures_with_and_without_and_gives_the_model_back(
     files: dict, tmp_path: Path, method: str, monkeypatch
@@ -158,6 +178,24 @@ def test_evaluate_forgetting_measures_with_and_without_and_gives_the_model_back(
     monkeypatch.setattr(online, "train_chunk", lambda *a, **k: pytest.fail("trained again"))
     again = forgetting.evaluate_forgetting(model, tokenizer, book, config, subjects, probes, base=base, **options)
     assert again["adapted"]["perplexity"]["ppl"] == pytest.approx(adapted_ppl, rel=1e-6)
+
+
+def test_evaluate_forgetting_with_no_subjects_measures_the_probes_only(files: dict, monkeypatch) -> None:
+    monkeypatch.setattr(forgetting, "score_mmlu", lambda *a, **k: pytest.fail("MMLU was scored"))
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    tokenizer = tiny_tokenizer()
+    book = read_book(files["book"], tokenizer, 64, 16)
+    probes = [read_book(files[name], tokenizer, 40, 2) for name in ("p1", "p2")]
+    config = OnlineConfig(method="lora", chunk_size=16, context_window=32, lora_rank=4, lr=0.05)
+    results = forgetting.evaluate_forgetting(
+        model, tokenizer, book, config, [], probes, probe_window=16, resamples=300, progress=False
+    )
+    assert set(results["base"]) == set(results["adapted"]) == {"perplexity"}
+    assert set(results["deltas"]) == {"ppl", "ppl_per_probe"}
+    assert set(results["deltas"]["ppl_per_probe"]) == {"p1", "p2"}
+    base_ppl, adapted_ppl = results["base"]["perplexity"]["ppl"], results["adapted"]["perplexity"]["ppl"]
+    assert adapted_ppl != pytest.approx(base_ppl, rel=1e-4)  # the adapter was on
+    assert results["deltas"]["ppl"]["delta"] == pytest.approx(adapted_ppl - base_ppl, rel=1e-6)
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -226,3 +264,65 @@ def test_eval_forgetting_bad_flags_are_usage_errors(files: dict, tmp_path: Path,
     code, _, err = run(capsys, *argv, "--out", tmp_path / "r.json", *flags)
     assert code == 2
     usage_error(err, "eval forgetting", *fragments)
+
+
+def test_eval_forgetting_no_mmlu_measures_the_probes_without_an_mmlu_folder(
+    files: dict, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "results.json"
+    argv = ["eval", "forgetting", files["book"], "--model", files["model"], "--method", "lora", *TRAINER, *PROBES]
+    argv += ["--probe", files["p1"], files["p2"], "--lr", "0.05", "--out", out]
+    code, stdout, err = run(capsys, *argv)  # neither --mmlu nor --no-mmlu
+    assert code == 2 and stdout == ""
+    error_line(err, "eval forgetting", "no MMLU folder", "--mmlu DIR", "--no-mmlu")
+
+    code, stdout, err = run(capsys, *argv, "--no-mmlu", "--mmlu", tmp_path / "missing")  # --mmlu is not read
+    assert code == 0, err
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert "mmlu" not in results["base"] and "mmlu" not in results["adapted"]
+    assert set(results["deltas"]) == {"ppl", "ppl_per_probe"}
+    assert results["settings"]["mmlu"] is None and results["settings"]["shots"] is None
+    assert results["deltas"]["ppl"]["after"] == pytest.approx(results["adapted"]["perplexity"]["ppl"])
+    assert "MMLU" not in stdout and "probe PPL (pooled)" in stdout and "probe PPL p2" in stdout
+
+
+# --- benchmarks/forgetting_embedded.py -----------------------------------------------------------------
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forgetting_embedded.py"
+    spec = importlib.util.spec_from_file_location("forgetting_embedded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_without_mmlu_plots_the_perplexity_only_and_refuses_other_settings(
+    files: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    benchmark = load_benchmark()
+    model = AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    monkeypatch.setattr(benchmark, "load_model", lambda: (model, tiny_tokenizer()))
+    panels = []
+
+    def save_figure(figure, path: Path) -> Path:
+        panels.append(len(figure.axes))
+        return pg19.save_figure(figure, path)
+
+    monkeypatch.setattr(benchmark, "save_figure", save_figure)
+    out = tmp_path / "out"
+    argv = ["--pg19", str(files["book"].parent), "--mmlu", str(tmp_path / "missing"), "--book", "book"]
+    argv += ["--probes", "p1", "p2", "--max-tokens", "64", "--chunk-size", "16", "--context-window", "32"]
+    argv += ["--probe-tokens", "40", "--probe-window", "16", "--methods", "lora", "--out", str(out)]
+    assert benchmark.main([*argv, "--no-mmlu"]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert "mmlu" not in results["base"] and set(results["methods"]["lora"]["deltas"]) == {"ppl", "ppl_per_probe"}
+    assert results["settings"]["no_mmlu"] is True and results["settings"]["mmlu"] is None
+    assert panels == [1] and (out / "forgetting.png").exists()
+    assert "MMLU" not in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="other settings"):  # the same folder with MMLU
+        benchmark.main(argv)
+    monkeypatch.setattr(online, "train_chunk", lambda *a, **k: pytest.fail("trained again"))
+    assert benchmark.main([*argv, "--no-mmlu"]) == 0  # resumed: everything was finished
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["methods"] == results["methods"]

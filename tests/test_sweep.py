@@ -3,6 +3,7 @@ fronts against hand-made points, the table and the plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from cli_fixtures import SENTENCES, TEXT, save_tiny_model, tiny_tokenizer
 
+from locas.training import online
 from locas.training.online import OnlineConfig
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
@@ -27,7 +29,9 @@ def load_sweep():
 
 
 sweep = load_sweep()
-TINY_GRIDS = {"locas": {"lr": [1e-2, 3e-2], "width": [8]}, "lora": {"lora_rank": [4], "lr": [1e-3, 3e-3]}}
+TINY_GRIDS = {
+    "focused": {"locas": [{"lr": [1e-2, 3e-2], "width": [8]}], "lora": [{"lora_rank": [4], "lr": [1e-3, 3e-3]}]}
+}
 BASE = OnlineConfig(chunk_size=16, context_window=16)
 
 
@@ -128,20 +132,36 @@ def test_other_books_are_other_points(files: dict, finished: dict, tmp_path: Pat
     assert capsys.readouterr().out.count("to run") == 5
 
 
-def test_points_per_method_paper_first_and_stable_as_max_points_grows() -> None:
-    points = sweep.sweep_points(BASE, ["locas", "lora"], max_points=5, seed=1)
+def test_points_per_method_paper_first_then_the_grid_in_order() -> None:
+    points = sweep.sweep_points(BASE, ["locas", "lora"], max_points=5, grid="wide")
     assert [p.method for p in points].count("locas") == [p.method for p in points].count("lora") == 5
     locas = [p for p in points if p.method == "locas"]
     assert locas[0].kind == "paper"
     assert locas[0].config == OnlineConfig(chunk_size=16, context_window=16, preset="paper").resolved()
-    more = sweep.sweep_points(BASE, ["locas", "lora"], max_points=8, seed=1)
+    more = sweep.sweep_points(BASE, ["locas", "lora"], max_points=8, grid="wide")
     assert [p.config for p in more if p.method == "locas"][:5] == [p.config for p in locas]
     assert len({sweep.config_key(p.config) for p in more}) == len(more)  # no point twice
     # chunk_size 256 is larger than the 16-token window: those grid points are left out, and so no reference
     assert all(p.config.chunk_size == 16 for p in more)
     assert [(p.method, p.config.chunk_size) for p in more if p.method == "none"] == [("none", 16)]
-    whole = sweep.sweep_points(BASE, ["lora"], max_points=None)  # the reference, then the grid (paper's is in it)
-    assert len(whole) == 1 + math.prod(len(values) for key, values in sweep.LORA_GRID.items() if key != "chunk_size")
+
+    whole = sweep.sweep_points(BASE, ["locas"], max_points=None)  # the reference, the paper point, the sub-grids
+    first, second = sweep.LOCAS_GRID
+    assert len(whole) == 2 + math.prod(map(len, first.values())) + math.prod(map(len, second.values()))
+    grid = [p.config for p in whole if p.kind == "grid"]
+    assert [(c.lr, c.steps_per_chunk) for c in grid[:2]] == [(first["lr"][0], 1), (first["lr"][0], 2)]
+    assert [c.width for c in grid[-2:]] == second["width"] and {c.tau_rule for c in grid} == {"neuron"}
+    assert sweep.knob_names("none") == ["chunk_size", "context_window"]
+
+
+def test_the_default_preset_is_a_point_after_the_paper_point(monkeypatch) -> None:
+    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)  # the same settings: one point
+    assert [p.kind for p in sweep.sweep_points(BASE, ["lora"], None, grid="presets")] == ["reference", "paper"]
+    monkeypatch.setitem(online.PRESETS, "default", {"lora": {**online.PAPER["lora"], "lr": 1e-3}})
+    points = sweep.sweep_points(BASE, ["lora"], max_points=3)
+    assert [p.kind for p in points] == ["reference", "paper", "default", "grid"]
+    assert points[2].config.lr == 1e-3 and points[2].config.lora_rank == 64
+    assert set(sweep.knob_names("lora")) >= {"lr", "lora_rank", "lora_alpha", "lora_targets"}
 
 
 def test_pareto_front_of_hand_made_points() -> None:
@@ -151,15 +171,20 @@ def test_pareto_front_of_hand_made_points() -> None:
     assert sweep.pareto_front([]) == [] and sweep.pareto_front([(3, 1)]) == [0]
 
 
-def test_the_table_lists_each_methods_pareto_best_points() -> None:
-    def row(method: str, kind: str, ppl: float, seconds: float, params: int, knobs: dict) -> dict:
+def test_the_table_lists_each_methods_pareto_best_points(monkeypatch) -> None:
+    default = {**online.PRESETS["default"], "locas": {**online.PAPER["locas"], "lr": 0.01}}
+    monkeypatch.setitem(online.PRESETS, "default", default)
+
+    def row(method: str, kind: str, ppl: float, seconds: float, params: int, config: OnlineConfig) -> dict:
+        knobs = {name: getattr(config, name) for name in sweep.knob_names(method)}
         return dict(method=method, kind=kind, ppl=ppl, seconds=seconds, trainable_parameters=params, knobs=knobs)
 
     def locas(kind: str, ppl: float, seconds: float, params: int, lr: float) -> dict:
-        return row("locas", kind, ppl, seconds, params, dict.fromkeys(sweep.LOCAS_GRID, "-") | {"lr": lr})
+        config = OnlineConfig(chunk_size=512, context_window=512, preset="paper", lr=lr).resolved()
+        return row("locas", kind, ppl, seconds, params, config) | {"config": dataclasses.asdict(config)}
 
     rows = [
-        row("none", "reference", 50.0, 10.0, 0, {"chunk_size": 512, "context_window": 512}),
+        row("none", "reference", 50.0, 10.0, 0, OnlineConfig(method="none", chunk_size=512, context_window=512)),
         locas("paper", 45.0, 100, 1000, 0.004),
         locas("grid", 44.0, 300, 1000, 0.01),  # on the seconds front (better PPL, slower) and the parameters front
         locas("grid", 46.0, 200, 4000, 0.03),  # beaten on both
@@ -173,5 +198,6 @@ def test_the_table_lists_each_methods_pareto_best_points() -> None:
         ["s", "45.000", "100"],
         ["s,p", "44.000", "300"],
     ]
-    assert "(paper)" in lines[1] and "0.03" not in table
-    assert "paper settings: PPL 45.000 in 100 s" in table
+    assert lines[1].endswith("(paper)") and lines[2].endswith("(default)") and "0.03" not in table
+    assert "paper settings: PPL 45.000 in 100 s, 1,000 parameters" in table
+    assert "default settings: PPL 44.000 in 300 s, 1,000 parameters" in table

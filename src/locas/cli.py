@@ -515,8 +515,10 @@ def command_eval_forgetting(args) -> None:
     for probe in args.probes:
         if Path(probe).resolve() == Path(args.book).resolve():
             raise CommandError(f"--probe {probe!r} is the book itself; probe with texts the memory never saw")
+    if args.mmlu is None and not args.no_mmlu:
+        raise CommandError("no MMLU folder; pass --mmlu DIR, or --no-mmlu to measure the probe perplexity only")
     pg19.check_book_files([args.book, *args.probes])
-    subjects = mmlu.load_mmlu(args.mmlu, args.subjects, args.limit_per_subject, args.shots)
+    subjects = [] if args.no_mmlu else mmlu.load_mmlu(args.mmlu, args.subjects, args.limit_per_subject, args.shots)
     model, tokenizer = _load(args)
     book = pg19.read_book(args.book, tokenizer, args.max_tokens, config.chunk_size)
     probes = [pg19.read_book(path, tokenizer, args.probe_tokens, 2) for path in args.probes]
@@ -531,7 +533,8 @@ def command_eval_forgetting(args) -> None:
         state_path=out.with_suffix(".state.pt"),
         save_every=args.save_every,
     )
-    settings = {"model": args.model or "default", "dtype": args.dtype, "mmlu": args.mmlu, "shots": args.shots}
+    folder, shots = (None, None) if args.no_mmlu else (args.mmlu, args.shots)
+    settings = {"model": args.model or "default", "dtype": args.dtype, "mmlu": folder, "shots": shots}
     settings.update(max_tokens=args.max_tokens, probe_tokens=args.probe_tokens, probe_window=args.probe_window)
     pg19.write_json({"settings": settings, **results}, out)
     print(forgetting.format_summary(results))
@@ -899,23 +902,27 @@ FORGETTING_DESCRIPTION = """\
 Forgetting (method.md, "MMLU forgetting"): train a Locas memory (--method locas) or a TempLoRA adapter
 (--method lora) online over BOOK with the trainer options below, then measure MMLU accuracy (as `eval mmlu`)
 and the perplexity of --probe texts the memory never saw (each one's first --probe-tokens tokens, in
-windows of --probe-window tokens scored on their own), with the memory and without it. Writes both
-measurements and the changes with a 95% paired-bootstrap interval (over questions, over probe windows) to
---out (.json). The training is saved in OUT.state.pt: the same command run again resumes it, or reuses it
-once finished (delete the file to train again)."""
+windows of --probe-window tokens scored on their own), with the memory and without it; --no-mmlu measures
+the probe perplexity only (a quick check, no MMLU folder needed). Writes both measurements and the changes
+with a 95% paired-bootstrap interval (over questions, over probe windows) to --out (.json). The training
+is saved in OUT.state.pt: the same command run again resumes it, or reuses it once finished (delete the
+file to train again)."""
 
 
 def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
     forgetting = benchmarks.add_parser(
         "forgetting",
         parents=parents,
-        help="MMLU and held-out perplexity before and after memorising a book",
+        help="MMLU (optional) and held-out perplexity before and after memorising a book",
         description=FORGETTING_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     forgetting.add_argument("book", metavar="BOOK", help="UTF-8 text the memory or adapter is trained on")
     forgetting.add_argument("--method", required=True, choices=["locas", "lora"], help="what is trained on BOOK")
-    forgetting.add_argument("--mmlu", required=True, metavar="DIR", help="MMLU folder (see eval mmlu)")
+    forgetting.add_argument("--mmlu", default=None, metavar="DIR", help="MMLU folder (see eval mmlu)")
+    forgetting.add_argument(
+        "--no-mmlu", action="store_true", help="measure the probe perplexity only (--mmlu and its options unread)"
+    )
     forgetting.add_argument(
         "--probe", dest="probes", nargs="+", required=True, metavar="TEXT", help="held-out UTF-8 texts"
     )

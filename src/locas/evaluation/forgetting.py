@@ -5,7 +5,8 @@ any trainer setting), then measures the model with it and without it (`measure`)
 (`locas.evaluation.mmlu`) and the perplexity of probe texts the memory never saw, each probe's first tokens
 cut into non-overlapping windows scored on their own. The changes (adapted - base) come with a 95% interval
 from a seeded paired bootstrap (`paired_bootstrap`): over questions for MMLU accuracy (all questions pooled,
-the micro average), over probe windows for perplexity (pooled, and per probe).
+the micro average), over probe windows for perplexity (pooled, and per probe). With no MMLU subjects only the
+probe perplexity is measured (a quick check): the results then hold no "mmlu" key and no MMLU changes.
 """
 
 from __future__ import annotations
@@ -123,24 +124,26 @@ def measure(
     progress: bool = True,
     label: str = "base",
 ) -> dict:
-    """MMLU (`score_mmlu`) and probe perplexity (`probe_perplexity`) of `model` as it is."""
-    return {
-        "mmlu": score_mmlu(model, tokenizer, subjects, progress=progress, description=f"MMLU {label}"),
-        "perplexity": probe_perplexity(
-            model,
-            probes,
-            probe_window,
-            prefix=window_prefix(tokenizer),
-            progress=progress,
-            description=f"probes {label}",
-        ),
-    }
+    """MMLU (`score_mmlu`, under "mmlu") and probe perplexity (`probe_perplexity`) of `model` as it is; no
+    `subjects` (empty): the probe perplexity only, no "mmlu" key."""
+    measured: dict = {}
+    if subjects:
+        measured["mmlu"] = score_mmlu(model, tokenizer, subjects, progress=progress, description=f"MMLU {label}")
+    measured["perplexity"] = probe_perplexity(
+        model,
+        probes,
+        probe_window,
+        prefix=window_prefix(tokenizer),
+        progress=progress,
+        description=f"probes {label}",
+    )
+    return measured
 
 
 def compare(base: dict, adapted: dict, *, resamples: int = 10_000, seed: int = 0) -> dict:
     """Paired-bootstrap changes from `base` to `adapted` (two `measure` results on the same questions and probes):
     MMLU micro accuracy (over questions), pooled and per-probe perplexity (over windows), and the macro
-    accuracy's change (no interval)."""
+    accuracy's change (no interval); without MMLU results (measured with no subjects), perplexity only."""
     options = {"resamples": resamples, "seed": seed}
 
     def correct(measured: dict) -> list[float]:
@@ -150,12 +153,17 @@ def compare(base: dict, adapted: dict, *, resamples: int = 10_000, seed: int = 0
         records = measured["perplexity"]["records"]
         return [(row["nll_sum"], row["tokens"]) for row in records if probe in (None, row["probe"])]
 
-    base_questions = [(r["subject"], r["index"]) for r in base["mmlu"]["records"]]
-    if base_questions != [(r["subject"], r["index"]) for r in adapted["mmlu"]["records"]]:
-        raise ValueError("the base and adapted MMLU results hold other questions; measure both on the same subset")
+    if ("mmlu" in base) != ("mmlu" in adapted):
+        raise ValueError("only one of the base and adapted results holds MMLU; measure both with the same subjects")
+    deltas = {}
+    if "mmlu" in base:
+        base_questions = [(r["subject"], r["index"]) for r in base["mmlu"]["records"]]
+        if base_questions != [(r["subject"], r["index"]) for r in adapted["mmlu"]["records"]]:
+            raise ValueError("the base and adapted MMLU results hold other questions; measure both on the same subset")
+        deltas["mmlu_micro_accuracy"] = paired_bootstrap(correct(base), correct(adapted), **options)
+        deltas["mmlu_macro_accuracy"] = adapted["mmlu"]["macro_accuracy"] - base["mmlu"]["macro_accuracy"]
     return {
-        "mmlu_micro_accuracy": paired_bootstrap(correct(base), correct(adapted), **options),
-        "mmlu_macro_accuracy": adapted["mmlu"]["macro_accuracy"] - base["mmlu"]["macro_accuracy"],
+        **deltas,
         "ppl": paired_bootstrap(windows(base), windows(adapted), pooled_perplexity, **options),
         "ppl_per_probe": {
             name: paired_bootstrap(windows(base, name), windows(adapted, name), pooled_perplexity, **options)
@@ -182,8 +190,9 @@ def evaluate_forgetting(
 ) -> dict:
     """Train `config.method` (locas or lora) online over `book`, then measure the model with the memory or
     adapter on and compare with the model without it (`base`: an earlier `measure` of the same model, subjects
-    and probes; measured here when None). With `state_path` the training resumes from, and is saved to, that
-    file (see `run_online`): a finished training there is loaded instead of run again."""
+    and probes; measured here when None); no `subjects` (empty): the probe perplexity only, no MMLU. With
+    `state_path` the training resumes from, and is saved to, that file (see `run_online`): a finished training
+    there is loaded instead of run again."""
     config = config.resolved()
     if config.method not in ("locas", "lora"):
         raise ValueError(f"forgetting compares a trained memory or adapter with the model; method {config.method!r}")
@@ -218,7 +227,7 @@ def evaluate_forgetting(
 
 
 def format_summary(results: dict) -> str:
-    """The changes with their intervals, one line each."""
+    """The changes with their intervals, one line each (the MMLU lines only where MMLU was measured)."""
     deltas = results["deltas"]
 
     def line(name: str, change: dict, scale: float = 1.0, unit: str = "") -> str:
@@ -227,13 +236,16 @@ def format_summary(results: dict) -> str:
             f"delta {change['delta'] * scale:+.3f}{unit} [{change['low'] * scale:+.3f}, {change['high'] * scale:+.3f}]"
         )
 
-    mmlu = results["adapted"]["mmlu"]
     lines = [
         f"{results['config']['method']} on {results['book']['name']} ({results['training']['tokens_scored']} tokens, "
         f"online PPL {results['training']['online_ppl']:.3f}); base -> adapted, 95% paired-bootstrap interval",
-        line(f"MMLU accuracy ({mmlu['questions']} q.)", deltas["mmlu_micro_accuracy"], 100, " points"),
-        f"{'MMLU macro accuracy':<28} delta {deltas['mmlu_macro_accuracy'] * 100:+.3f} points (no interval)",
-        line("probe PPL (pooled)", deltas["ppl"]),
     ]
+    mmlu = results["adapted"].get("mmlu")
+    if mmlu is not None:
+        lines += [
+            line(f"MMLU accuracy ({mmlu['questions']} q.)", deltas["mmlu_micro_accuracy"], 100, " points"),
+            f"{'MMLU macro accuracy':<28} delta {deltas['mmlu_macro_accuracy'] * 100:+.3f} points (no interval)",
+        ]
+    lines.append(line("probe PPL (pooled)", deltas["ppl"]))
     lines += [line(f"probe PPL {name}", change) for name, change in deltas["ppl_per_probe"].items()]
     return "\n".join(lines)
