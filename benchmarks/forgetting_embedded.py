@@ -1,6 +1,7 @@
-"""Forgetting on the embedded default model (SmolLM2-135M): Locas r=64 vs TempLoRA r=64 (the trainer's published
-defaults) trained online over one PG-19 book, then MMLU 5-shot and the perplexity of two other books, each with
-the memory (adapter) and without it, with 95% paired-bootstrap intervals (`locas.evaluation.forgetting`).
+"""Forgetting on the embedded default model (SmolLM2-135M): Locas vs TempLoRA, each with its --preset's settings
+(`default`, or `paper`: the paper's Locas r=64 and TempLoRA's published defaults), trained online over one PG-19
+book, then MMLU 5-shot and the perplexity of two other books, each with the memory (adapter) and without it, with
+95% paired-bootstrap intervals (`locas.evaluation.forgetting`).
 
 Full run (book 349's first 32K tokens, chunk 512 / context 512; 20 questions of every MMLU subject, the same
 for every method; probes: the first 4,096 tokens of books 1684 and 17769, windows of 512; estimated at about
@@ -26,7 +27,7 @@ from pathlib import Path
 from locas.default_model import load_model
 from locas.evaluation import forgetting, mmlu
 from locas.evaluation.pg19 import open_state_folder, read_book, save_figure, write_json
-from locas.training.online import OnlineConfig, same_settings
+from locas.training.online import PRESETS, OnlineConfig, same_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg19", type=Path, default=DATA / "pg19", help="folder of PG-19 books (.txt)")
     parser.add_argument("--mmlu", type=Path, default=DATA / "mmlu", help="MMLU folder (test/, dev/)")
     parser.add_argument("--no-mmlu", action="store_true", help="probe perplexity only: no MMLU loaded or scored")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS), help="each method's settings")
     parser.add_argument("--book", default="349", help="the book trained on (file stem)")
     parser.add_argument("--probes", nargs="+", default=["1684", "17769"], help="held-out books (file stems)")
     parser.add_argument("--max-tokens", type=int, default=32_768, help="tokens of the book trained on")
@@ -55,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_method(model, tokenizer, args, method: str, book, subjects, probes, base: dict) -> dict:
     """The method's results: read from OUT/METHOD.json when it finished, else trained (resuming) and measured."""
-    config = OnlineConfig(method=method, chunk_size=args.chunk_size, context_window=args.context_window).resolved()
+    config = OnlineConfig(
+        method=method, preset=args.preset, chunk_size=args.chunk_size, context_window=args.context_window
+    ).resolved()
     finished = args.out / f"{method}.json"
     if finished.exists():
         row = json.loads(finished.read_text(encoding="utf-8"))
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     settings.pop("methods")
     settings.pop("out")
+    settings.pop("preset")  # in each method's config, which a resumed method is checked against
     if args.no_mmlu:  # the MMLU options are not read
         settings.update(mmlu=None, shots=None, limit_per_subject=None, subjects=None)
     else:
