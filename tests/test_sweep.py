@@ -146,11 +146,11 @@ def test_points_per_method_paper_first_then_the_grid_in_order() -> None:
     assert [(p.method, p.config.chunk_size) for p in more if p.method == "none"] == [("none", 16)]
 
     whole = sweep.sweep_points(BASE, ["locas"], max_points=None)  # the reference, the paper point, the sub-grids
-    first, second = sweep.LOCAS_GRID
-    assert len(whole) == 2 + math.prod(map(len, first.values())) + math.prod(map(len, second.values()))
+    first, *_, last = sweep.LOCAS_GRID
+    assert len(whole) == 2 + sum(math.prod(map(len, sub_grid.values())) for sub_grid in sweep.LOCAS_GRID)
     grid = [p.config for p in whole if p.kind == "grid"]
     assert [(c.lr, c.steps_per_chunk) for c in grid[:2]] == [(first["lr"][0], 1), (first["lr"][0], 2)]
-    assert [c.width for c in grid[-2:]] == second["width"] and {c.tau_rule for c in grid} == {"neuron"}
+    assert [c.width for c in grid[-2:]] == last["width"] and {c.tau_rule for c in grid} == {"neuron"}
     assert sweep.knob_names("none") == ["chunk_size", "context_window"]
 
 
