@@ -36,12 +36,16 @@ def test_split_windows_puts_the_prefix_before_every_window():
 def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
     tokenizer, bos = bos_tokenizer()
     model = tiny_model("gemma3")
-    seen = []
+    seen, memorized = [], []
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    model.model.register_forward_pre_hook(  # memorize runs the base model alone, on the first chunk
+        lambda module, args, kwargs: memorized.append(kwargs["input_ids"]), with_kwargs=True
+    )
     tokens = torch.randint(3, 128, (48,), generator=torch.Generator().manual_seed(0))
     config = OnlineConfig(method="locas", chunk_size=16, context_window=16, width=4, lr=1e-2)
     with_bos = run_online(model, tokens, config, progress=False, tokenizer=tokenizer)
-    windows = [ids for ids in seen if ids.shape[1] > 16]  # the scored/trained windows (memorize reads a chunk)
+    assert torch.equal(memorized[0][0], torch.cat([torch.tensor([bos]), tokens[:16]]))  # (the prefix: unscored)
+    windows = [ids for ids in seen if ids.shape[1] > 16]  # the scored/trained windows
     assert len(windows) == 3 and all((ids[:, 0] == bos).all() for ids in windows)
     assert torch.equal(windows[-1][0, 1:], tokens[16:48])  # then the context and the chunk, unchanged
     seen.clear()

@@ -6,8 +6,9 @@ import locas
 from locas.memorize import neuron_scores, select_neurons
 
 
-def hand_scores(locas_model, tokens, mask=None):
-    """Mean |intermediate activation| per neuron, computed from the raw weights and each MLP's input."""
+def hand_scores(locas_model, tokens, mask=None, scored=None):
+    """Mean |intermediate activation| per neuron over the `scored` tokens (default: those of the attention
+    `mask`), computed from the raw weights and each MLP's input."""
     family = locas_model.family
     inputs = {}
     mlps = family.mlps(locas_model.model)
@@ -20,6 +21,7 @@ def hand_scores(locas_model, tokens, mask=None):
     for handle in handles:
         handle.remove()
     mask = torch.ones_like(tokens) if mask is None else mask
+    scored = mask if scored is None else scored
     scores = []
     for i, mlp in enumerate(mlps):
         x = inputs[i]
@@ -29,7 +31,7 @@ def hand_scores(locas_model, tokens, mask=None):
             act = mlp.act(x @ mlp.c_fc.weight + mlp.c_fc.bias)
         else:
             act = mlp.act(x @ mlp.dense_h_to_4h.weight.T + mlp.dense_h_to_4h.bias)
-        weights = mask.unsqueeze(-1).float()
+        weights = scored.unsqueeze(-1).float()
         scores.append((act.abs() * weights).sum(dim=(0, 1)) / weights.sum())
     return torch.stack(scores)  # (layers, mlp_width)
 
@@ -156,3 +158,22 @@ def test_bad_arguments_are_refused(kwargs, message):
 def test_empty_input_is_refused(family_name):
     with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
         locas.attach(tiny_model(family_name)).memorize(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_a_prefix_is_run_but_not_scored(tokens):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    with_prefix = neuron_scores(locas_model, tokens, prefix_length=3)
+    scored = torch.ones_like(tokens)
+    scored[:, :3] = 0  # the backbone sees the first 3 tokens; their activations are not in the mean
+    for row in range(tokens.shape[0]):
+        torch.testing.assert_close(
+            with_prefix[:, row], hand_scores(locas_model, tokens[row : row + 1], scored=scored[row : row + 1])
+        )
+    assert not torch.allclose(with_prefix, neuron_scores(locas_model, tokens))
+    memory = locas_model.memorize(tokens, keep_top=5, prefix_length=3)
+    expected = hand_scores(locas_model, tokens, scored=scored).topk(5, dim=-1).indices
+    up, _ = key_rows(locas_model, 1)
+    torch.testing.assert_close(memory.up[1, 0], unit(up[expected[1]]))
+    assert memory.metadata["tokens_memorized"] == tokens.numel() - 3 * tokens.shape[0]
+    with pytest.raises(ValueError, match="'gradient' takes no prefix"):
+        locas.attach(tiny_model("gpt2"), width=4).memorize(tokens, keep_top=4, memory_init="gradient", prefix_length=1)

@@ -194,7 +194,7 @@ def _check_output_path(path: Path, suffix: str | None = None) -> None:
 
 
 def command_memorize(args) -> None:
-    from locas.data import read_text
+    from locas.data import read_text, window_prefix
     from locas.training import train_on_windows
     from locas.training.grpo import grpo_train_text, mean_recall_reward
 
@@ -219,6 +219,7 @@ def command_memorize(args) -> None:
         keep_top=args.width,
         memory_init=args.init,
         seed=args.seed,
+        prefix_length=len(window_prefix(tokenizer)),  # <bos> (Gemma): run, not scored
     )
     print(f"memorized {token_ids.numel()} tokens into {memory.width} slots x {memory.num_layers} layers ({args.init})")
     if args.train_steps:

@@ -1,8 +1,9 @@
 """memorize(): initialise a memory from one forward pass of the frozen backbone.
 
 Neuron j of layer l is scored by its mean absolute intermediate activation (the input of the MLP's
-output projection) over the non-padding tokens; the chosen neurons' key (and gate) rows are cloned,
-normalised to unit length, and the values start at zero, so the model is unchanged until trained.
+output projection) over the non-padding tokens, leaving out a prefix such as `<bos>` (run, not scored);
+the chosen neurons' key (and gate) rows are cloned, normalised to unit length, and the values start at
+zero, so the model is unchanged until trained.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ def _normalize(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix_length: int = 0) -> torch.Tensor:
+    """1.0 at the tokens that count: not padding, not among each row's first `prefix_length`."""
     if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.float32)
-    if attention_mask.shape != input_ids.shape:
+        mask = torch.ones_like(input_ids, dtype=torch.float32)
+    elif attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
         )
-    return attention_mask.float()
+    else:
+        mask = attention_mask.to(torch.float32, copy=True)
+    mask[:, :prefix_length] = 0  # a prefix like <bos> draws huge activations (attention sinks), not the text's
+    return mask
 
 
 def _check_inputs(input_ids: torch.Tensor, width: int, memory_init: str) -> None:
@@ -64,13 +69,14 @@ def _capture_inputs(modules: list[torch.nn.Module]):
 
 
 def neuron_scores(
-    model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix_length: int = 0
 ) -> torch.Tensor:
-    """Mean |intermediate activation| per neuron over each sequence's non-padding tokens.
+    """Mean |intermediate activation| per neuron over each sequence's non-padding tokens after its first
+    `prefix_length` (which the backbone sees but which are not scored).
 
     Runs the bare backbone once, without grad. Shape (layers, batch, mlp_width), float32.
     """
-    mask = _token_mask(input_ids, attention_mask).to(model.device)
+    mask = _token_mask(input_ids, attention_mask, prefix_length).to(model.device)
     mlps = model.family.mlps(model.model)
     with torch.no_grad(), model.using(None), _capture_inputs([model.family.down_module(m) for m in mlps]) as acts:
         model.model.base_model(input_ids=input_ids.to(model.device), attention_mask=attention_mask, use_cache=False)
@@ -120,6 +126,7 @@ def memorize(
     per_sequence: bool = False,
     seed: int = 0,
     gradient_scale: float = 1.0,
+    prefix_length: int = 0,
 ) -> Memory:
     """Build a memory of `keep_top` slots per layer from the text in `input_ids` (batch, seq).
 
@@ -128,10 +135,13 @@ def memorize(
     `gradient` (2-layer-MLP families) stores the `keep_top` highest-loss tokens as slots: key = the
     token's normalised MLP input, value = `gradient_scale` * the gradient of log p(next token) with
     respect to each layer's MLP output, normalised jointly over layers. With `per_sequence` each
-    sequence gets its own memory (batch axis); otherwise all non-padding tokens make one memory.
+    sequence gets its own memory (batch axis); otherwise all non-padding tokens make one memory. The first
+    `prefix_length` tokens of every row (`data.window_prefix`, e.g. `<bos>`) are run but not scored.
     """
     _check_inputs(input_ids, keep_top, memory_init)
-    tokens = int(_token_mask(input_ids, attention_mask).sum())
+    if memory_init == "gradient" and prefix_length:
+        raise ValueError("memory_init='gradient' takes no prefix (its 2-layer-MLP families put no <bos> first)")
+    tokens = int(_token_mask(input_ids, attention_mask, prefix_length).sum())
     batch_size = input_ids.shape[0] if per_sequence else 1
     if memory_init == "random":
         memory = random_memory(model, keep_top, batch_size=batch_size, seed=seed)
@@ -140,9 +150,9 @@ def memorize(
     if memory_init == "gradient":
         return _gradient_memory(model, input_ids, attention_mask, keep_top, per_sequence, gradient_scale)
 
-    scores = neuron_scores(model, input_ids, attention_mask)
+    scores = neuron_scores(model, input_ids, attention_mask, prefix_length)
     if not per_sequence:  # one memory from every token: weight each sequence by its token count
-        counts = _token_mask(input_ids, attention_mask).sum(dim=1).to(scores.device)
+        counts = _token_mask(input_ids, attention_mask, prefix_length).sum(dim=1).to(scores.device)
         scores = (scores * counts.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.sum().clamp_min(1)
     chosen = select_neurons(scores.cpu(), keep_top, memory_init, seed)
 

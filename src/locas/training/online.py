@@ -354,10 +354,11 @@ class MemoryLearner(Learner):
         new = {
             row: memorize(
                 self.locas_model,
-                chunk.unsqueeze(0).to(self.locas_model.device),
+                self.prefixed(chunk.unsqueeze(0)).to(self.locas_model.device),
                 keep_top=config.width if memorize_now else config.grow_by,
                 memory_init=config.memory_init,
                 seed=config.seed + chunk_index,
+                prefix_length=len(self.prefix),
             )
             for row, chunk in zip(rows, chunks, strict=True)
         }
