@@ -1,10 +1,11 @@
 """Sweep the knobs of Locas and TempLoRA on PG-19 development books: perplexity against wall time and against
 trainable parameters, with each method's Pareto front (issue 8).
 
-Every method gets the same number of points: its paper point (`--preset paper`), then the points of its grid
-below, in order (`--grid focused`, the default, or `wide`; --max-points N keeps each method's first N). A grid
-point is the paper's settings with the point's knob values; None is the sweep's base value (--chunk-size).
-`none` (the backbone, same window) runs once per chunk and window as the reference.
+Every method gets the same number of points: its default point (`--preset default`, when it differs), its
+paper point (`--preset paper`), then the points of its grid below, in order (`--grid focused`, the default,
+`wide`, or `presets`: none; --max-points N keeps each method's first N). A grid point is the paper's settings
+with the point's knob values; None is the sweep's base value (--chunk-size). `none` (the backbone, same
+window) runs once per chunk and window as the reference.
 
 A point runs every development book online, score-first (`pg19.run_books`, one book at a time unless
 --batch-books), and as soon as it finishes its line is appended to --out (JSONL): pooled PPL, wall seconds (sum
@@ -138,16 +139,18 @@ def grid_combinations(sub_grids: Sequence[dict[str, list]]) -> list[dict]:
 def sweep_points(
     base: OnlineConfig, methods: Sequence[str], max_points: int | None, grid: str = "focused"
 ) -> list[Point]:
-    """The `none` references, then per method its paper point, its default point (`--preset default`, unless
-    the same) and its grid's points in order, `max_points` in all (None: every one). `base` holds the chunk,
+    """The `none` references, then per method its default point (`--preset default`, when not the paper's),
+    its paper point and its grid's points in order, `max_points` in all (None: every one). `base` holds the chunk,
     window and training seed; grid points that the trainer refuses (e.g. a chunk larger than the window) or
     that repeat a point are left out."""
     points = []
     for method in methods:
         paper = dataclasses.replace(base, method=method, preset="paper").resolved()
         default = dataclasses.replace(base, method=method, preset="default").resolved()
-        chosen = {config_key(paper): Point(method, "paper", paper)}
-        chosen.setdefault(config_key(default), Point(method, "default", default))
+        chosen = (
+            {} if config_key(default) == config_key(paper) else {config_key(default): Point(method, "default", default)}
+        )
+        chosen.setdefault(config_key(paper), Point(method, "paper", paper))
         for values in grid_combinations(GRIDS[grid][method]):
             if max_points is not None and len(chosen) >= max_points:
                 break
@@ -157,7 +160,7 @@ def sweep_points(
             except ValueError:
                 continue
             chosen.setdefault(config_key(config), Point(method, "grid", config))
-        points += chosen.values()
+        points += list(chosen.values())[:max_points]
     windows = sorted({(p.config.chunk_size, p.config.context_window) for p in points if p.method != "none"})
     windows = windows or [(base.chunk_size, base.context_window)]
     references = [

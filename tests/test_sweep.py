@@ -154,13 +154,14 @@ def test_points_per_method_paper_first_then_the_grid_in_order() -> None:
     assert sweep.knob_names("none") == ["chunk_size", "context_window"]
 
 
-def test_the_default_preset_is_a_point_after_the_paper_point(monkeypatch) -> None:
+def test_the_default_preset_is_the_first_point(monkeypatch) -> None:
     monkeypatch.setitem(online.PRESETS, "default", online.PAPER)  # the same settings: one point
     assert [p.kind for p in sweep.sweep_points(BASE, ["lora"], None, grid="presets")] == ["reference", "paper"]
     monkeypatch.setitem(online.PRESETS, "default", {"lora": {**online.PAPER["lora"], "lr": 1e-3}})
     points = sweep.sweep_points(BASE, ["lora"], max_points=3)
-    assert [p.kind for p in points] == ["reference", "paper", "default", "grid"]
-    assert points[2].config.lr == 1e-3 and points[2].config.lora_rank == 64
+    assert [p.kind for p in points] == ["reference", "default", "paper", "grid"]
+    assert points[1].config.lr == 1e-3 and points[1].config.lora_rank == 64
+    assert [p.kind for p in sweep.sweep_points(BASE, ["lora"], max_points=1)] == ["reference", "default"]
     assert set(sweep.knob_names("lora")) >= {"lr", "lora_rank", "lora_alpha", "lora_targets"}
 
 
