@@ -48,17 +48,19 @@ PG19 = REPO.parent / "shared" / "data" / "pg19"
 # first, so that --max-points keeps them). A knob a point leaves out has the paper's value; None is the sweep's base
 # value (--chunk-size). Focused on what the 8K-token study of issue 8 left open: under the per-slot output scale
 # (`tau_rule` neuron) the learning rate and steps, then the width; TempLoRA gets as many points, around its
-# tuned learning rate, then a smaller rank. (The second sub-grids replaced lr 1e-2 with 2 steps per chunk once
-# lr 1e-2 with 1 step had come out worse than no memory.)
+# tuned learning rate, then a smaller rank and other scales. (The second Locas sub-grid replaced lr 1e-2 with
+# 2 steps per chunk once lr 1e-2 with 1 step had come out worse than no memory.)
 LOCAS_GRID = [
     {"tau_rule": ["neuron"], "lr": [4e-3, 2e-3], "steps_per_chunk": [1, 2]},
     {"tau_rule": ["neuron"], "lr": [1e-2, 6e-3, 3e-3]},
     {"tau_rule": ["neuron"], "width": [16, 256]},
+    {"tau_rule": ["neuron"], "key_lr_scale": [0.1, 0.0]},
 ]
 LORA_GRID = [
     {"lr": [5e-4, 2e-4, 2e-3], "steps_per_chunk": [1, 2]},
     {"lora_rank": [16], "lr": [5e-4, 2e-3], "steps_per_chunk": [1]},
     {"lr": [1e-3], "steps_per_chunk": [1]},
+    {"lr": [5e-4], "steps_per_chunk": [1], "lora_alpha": [128.0, 16.0]},
 ]
 # A wider search for a machine with time to spare (`--grid wide`): the same knobs and more, every combination.
 WIDE_LOCAS_GRID = [

@@ -554,8 +554,11 @@ def test_without_a_preset_the_default_one_fills_the_options(default_is_not_paper
 
 
 def test_explicit_flags_win_over_the_preset(default_is_not_paper) -> None:
-    configs = trainer_configs("--preset", "paper", "--lr", "2e-3", "--tau-rule", "neuron", "--lora-rank", "8")
+    configs = trainer_configs(
+        "--preset", "paper", "--lr", "2e-3", "--tau-rule", "neuron", "--lora-rank", "8", "--key-lr-scale", "0.1"
+    )
     assert (configs["locas"].lr, configs["locas"].tau_rule, configs["locas"].width) == (2e-3, "neuron", 64)
+    assert configs["locas"].key_lr_scale == 0.1 and trainer_configs()["locas"].key_lr_scale == 1.0
     assert (configs["lora"].lr, configs["lora"].lora_rank, configs["lora"].steps_per_chunk) == (2e-3, 8, 2)
     configs = trainer_configs("--width", "64", "--lora-targets", "all")  # a flag equal to paper's still wins
     assert (configs["locas"].width, configs["locas"].lr, configs["lora"].lora_targets) == (64, 1e-2, "all")

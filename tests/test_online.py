@@ -441,6 +441,29 @@ def test_the_tau_rule_tells_locas_runs_apart_and_no_other():
         OnlineConfig(tau_rule="per_slot").resolved()
 
 
+def test_keys_learn_at_their_own_rate_and_frozen_keys_stay_the_memorized_ones():
+    from locas.memorize import memorize
+    from locas.model import LocasModel
+
+    model, tokens = tiny_model("llama"), stream(64)
+    memorized = memorize(LocasModel(model), tokens[:16].unsqueeze(0), keep_top=8)  # chunk 0, as the trainer does
+    runs = {
+        scale: run_online(
+            model, tokens, OnlineConfig(method="locas", lr=1e-2, key_lr_scale=scale, **SMALL), progress=False
+        )
+        for scale in (0.0, 1.0)
+    }
+    frozen, both = runs[0.0].memory, runs[1.0].memory
+    torch.testing.assert_close(frozen.up, memorized.up)
+    torch.testing.assert_close(frozen.gate, memorized.gate)
+    assert frozen.down.abs().sum() > 0 and not torch.allclose(both.up, memorized.up)
+    assert scores(runs[0.0])[:1] == scores(runs[1.0])[:1] and scores(runs[0.0]) != scores(runs[1.0])
+    assert OnlineConfig(method="locas", key_lr_scale=0.5).resolved() != OnlineConfig(method="locas").resolved()
+    assert OnlineConfig(method="lora", key_lr_scale=0.5).resolved() == OnlineConfig(method="lora").resolved()
+    with pytest.raises(ValueError, match="key_lr_scale must be a number >= 0"):
+        OnlineConfig(method="locas", key_lr_scale=-1.0).resolved()
+
+
 def test_lora_targets_pick_the_adapted_modules():
     def trainable(targets):
         config = OnlineConfig(method="lora", lora_targets=targets, lr=1e-2, **SMALL)
@@ -456,7 +479,7 @@ def test_lora_targets_pick_the_adapted_modules():
     assert OnlineConfig(method="locas", lora_targets="q_proj").resolved() == OnlineConfig(method="locas").resolved()
 
 
-PAPER_LOCAS = dict(lr=4e-3, steps_per_chunk=1, width=64, memory_init="highest", tau_rule="paper")
+PAPER_LOCAS = dict(lr=4e-3, steps_per_chunk=1, width=64, memory_init="highest", tau_rule="paper", key_lr_scale=1.0)
 PAPER_LORA = dict(lr=5e-5, steps_per_chunk=2, lora_rank=64, lora_alpha=64.0, lora_targets="all")
 
 

@@ -146,11 +146,13 @@ def test_points_per_method_paper_first_then_the_grid_in_order() -> None:
     assert [(p.method, p.config.chunk_size) for p in more if p.method == "none"] == [("none", 16)]
 
     whole = sweep.sweep_points(BASE, ["locas"], max_points=None)  # the reference, the paper point, the sub-grids
-    first, *_, last = sweep.LOCAS_GRID
     assert len(whole) == 2 + sum(math.prod(map(len, sub_grid.values())) for sub_grid in sweep.LOCAS_GRID)
+    combinations = sweep.grid_combinations(sweep.LOCAS_GRID)  # sub-grid after sub-grid, the last knob fastest
+    lr = sweep.LOCAS_GRID[0]["lr"][0]
+    assert combinations[:2] == [{"tau_rule": "neuron", "lr": lr, "steps_per_chunk": steps} for steps in (1, 2)]
     grid = [p.config for p in whole if p.kind == "grid"]
-    assert [(c.lr, c.steps_per_chunk) for c in grid[:2]] == [(first["lr"][0], 1), (first["lr"][0], 2)]
-    assert [c.width for c in grid[-2:]] == last["width"] and {c.tau_rule for c in grid} == {"neuron"}
+    ran = [{name: getattr(config, name) for name in values} for config, values in zip(grid, combinations, strict=True)]
+    assert ran == combinations
     assert sweep.knob_names("none") == ["chunk_size", "context_window"]
 
 

@@ -667,6 +667,11 @@ def _trainer_options() -> argparse.ArgumentParser:
     options.add_argument("--max-width", type=positive_int, default=None, help="locas: stop growing at this width")
     options.add_argument("--lr", type=positive_float, help=_preset_default("lr"))
     options.add_argument(
+        "--key-lr-scale",
+        type=non_negative_float,
+        help=f"locas: the keys learn at lr x this (0: frozen keys); {_preset_default('key_lr_scale')}",
+    )
+    options.add_argument(
         "--steps-per-chunk",
         type=non_negative_int,
         help="steps of the token loss (ntp, sd, mix; ntp+grpo's NTP) per chunk (grpo: 0); "

@@ -63,7 +63,10 @@ _GRPO = {
 METHOD_OPTIONS = {  # the grpo_ options count only under the GRPO losses (see `OnlineConfig.resolved`)
     "none": _SHARED,
     "long": _SHARED | {"long_factor"},
-    "locas": _SHARED | _TRAINING | _GRPO | {"width", "memory_init", "tau_rule", "memorize_at", "grow_by", "max_width"},
+    "locas": _SHARED
+    | _TRAINING
+    | _GRPO
+    | {"width", "memory_init", "tau_rule", "key_lr_scale", "memorize_at", "grow_by", "max_width"},
     "lora": _SHARED | _TRAINING | {"lora_rank", "lora_alpha", "lora_targets"},
 }
 
@@ -73,7 +76,14 @@ METHOD_OPTIONS = {  # the grpo_ options count only under the GRPO losses (see `O
 # best point on the development books. The chunk and the window are not in a preset: every method of a comparison
 # reads the same chunks with the same window (OnlineConfig's 1024 and 2048 are the paper's).
 PAPER = {
-    "locas": {"lr": 4e-3, "steps_per_chunk": 1, "width": 64, "memory_init": "highest", "tau_rule": "paper"},
+    "locas": {
+        "lr": 4e-3,
+        "steps_per_chunk": 1,
+        "width": 64,
+        "memory_init": "highest",
+        "tau_rule": "paper",
+        "key_lr_scale": 1.0,
+    },
     "lora": {"lr": 5e-5, "steps_per_chunk": 2, "lora_rank": 64, "lora_alpha": 64.0, "lora_targets": "all"},
 }
 PRESETS = {"paper": PAPER, "default": {method: dict(values) for method, values in PAPER.items()}}
@@ -102,6 +112,7 @@ class OnlineConfig:
     grow_by: int = 0
     max_width: int | None = None
     lr: float | None = None
+    key_lr_scale: float | None = None  # locas: the keys (up, gate) learn at lr * this, the values at lr
     steps_per_chunk: int | None = None
     weight_decay: float = 0.0
     loss: str = "ntp"
@@ -150,8 +161,8 @@ class OnlineConfig:
         for name in values:
             if name not in used:
                 values[name] = getattr(unused, name)
-            elif values[name] is None and name in preset:
-                values[name] = preset[name]
+            elif values[name] is None:  # the preset's value; the paper's where the preset does not set it
+                values[name] = preset.get(name, getattr(unused, name))
         config = OnlineConfig(**values)
         config._check()
         return config
@@ -182,6 +193,8 @@ class OnlineConfig:
             )
         if self.method in ("locas", "lora") and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (self.key_lr_scale >= 0 and math.isfinite(self.key_lr_scale)):
+            raise ValueError(f"key_lr_scale must be a number >= 0 (0: frozen keys), got {self.key_lr_scale}")
         if self.steps_per_chunk < 0:
             raise ValueError(f"steps_per_chunk must be >= 0, got {self.steps_per_chunk}")
         if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
@@ -296,6 +309,10 @@ class Learner:
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups (an "lr" in a group overrides the config's)."""
+        return [{"params": self.parameters()}]
+
     def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions; row i of `input_ids` belongs to document `rows[i]`."""
         return self.model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
@@ -369,6 +386,12 @@ class MemoryLearner(Learner):
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [] if self.memory is None else list(self.memory.parameters())
+
+    def parameter_groups(self) -> list[dict]:
+        if self.memory is None:
+            return super().parameter_groups()
+        keys = [t for t in (self.memory.up, self.memory.gate) if t is not None]
+        return [{"params": keys, "lr": self.config.lr * self.config.key_lr_scale}, {"params": [self.memory.down]}]
 
     def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
         every_row = rows is None or list(rows) == list(range(self.batch_size))
@@ -468,12 +491,16 @@ def make_learner(model: PreTrainedModel, config: OnlineConfig, batch_size: int =
 # --- the loop --------------------------------------------------------------------------------------
 
 
-def _optimizer(parameters: list[torch.nn.Parameter], config: OnlineConfig, previous=None):
-    """AdamW over `parameters`; carries `previous`'s moments over when slots were appended (growth)."""
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+def _optimizer(groups: list[dict], config: OnlineConfig, previous=None):
+    """AdamW over the parameter `groups`; carries `previous`'s moments over when slots were appended (growth)."""
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if previous is None:
         return optimizer
-    for old, new in zip(previous.param_groups[0]["params"], parameters, strict=True):
+
+    def flat(param_groups: list[dict]) -> list[torch.nn.Parameter]:
+        return [parameter for group in param_groups for parameter in group["params"]]
+
+    for old, new in zip(flat(previous.param_groups), flat(optimizer.param_groups), strict=True):
         state = previous.state.get(old)
         if not state:
             continue
@@ -721,7 +748,7 @@ def run_online_batch(
                 result.final_state = final_state
             learner.load_state_dict(state["learner"])
             if state["optimizer"] is not None:
-                optimizer = _optimizer(learner.parameters(), config)
+                optimizer = _optimizer(learner.parameter_groups(), config)
                 optimizer.load_state_dict(state["optimizer"])
 
         def save() -> None:
@@ -749,7 +776,7 @@ def run_online_batch(
                 start = spans[rows[0]][index][0]
                 chunks = [documents[row][slice(*spans[row][index])] for row in rows]
                 if learner.prepare(index, chunks, rows) or (optimizer is None and learner.parameters()):
-                    optimizer = _optimizer(learner.parameters(), config, previous=optimizer)
+                    optimizer = _optimizer(learner.parameter_groups(), config, previous=optimizer)
                 outcomes = train_chunk(learner, optimizer, documents, rows, start, config, tokenizer)
                 seconds = (time.perf_counter() - started) / len(rows)
                 for row, outcome in zip(rows, outcomes, strict=True):
