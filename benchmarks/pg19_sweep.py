@@ -360,6 +360,12 @@ def plot_sweep(rows: Sequence[dict], path: Path) -> None:
     pg19.save_figure(figure, path)
 
 
+def row_knobs(row: dict) -> dict:
+    """The values of a row's knobs (`knob_names`), read from its config."""
+    config = saved_config(row["config"])
+    return {name: getattr(config, name) for name in knob_names(row["method"])}
+
+
 def describe(knobs: dict) -> str:
     return " ".join(f"{name}={value}" for name, value in knobs.items())
 
@@ -382,8 +388,9 @@ def format_table(rows: Sequence[dict]) -> str:
             (i for i in range(len(mine)) if any(i in front for front in fronts.values())),
             key=lambda i: mine[i]["seconds"],
         )
-        varied = [name for name in knob_names(method) if len({str(row["knobs"].get(name)) for row in mine}) > 1]
-        widths = {name: max(len(str(mine[i]["knobs"][name])) for i in best) for name in varied}
+        knobs = [row_knobs(row) for row in mine]  # from the configs: a row written before a knob existed has its value
+        varied = [name for name in knob_names(method) if len({str(values[name]) for values in knobs}) > 1]
+        widths = {name: max(len(str(knobs[i][name])) for i in best) for name in varied}
         widths = {name: max(width, len(name)) for name, width in widths.items()}
         lines += ["", f"{method}: {len(mine)} points; Pareto-best (s: PPL vs seconds, p: PPL vs parameters)"]
         lines.append(
@@ -393,7 +400,7 @@ def format_table(rows: Sequence[dict]) -> str:
             row = mine[i]
             flags = ",".join(flag for flag, front in fronts.items() if i in front)
             mark = "".join(f" ({preset})" for preset in presets_of(row))
-            values = "  ".join(str(row["knobs"][name]).rjust(width) for name, width in widths.items())
+            values = "  ".join(str(knobs[i][name]).rjust(width) for name, width in widths.items())
             lines.append(
                 f"{flags:<6}{row['ppl']:>9.3f}{row['seconds']:>9.0f}{row['trainable_parameters']:>12,}  {values}{mark}"
             )

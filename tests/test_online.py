@@ -433,10 +433,10 @@ def test_the_tau_rule_sets_the_memorys_output_scale(tau_rule):
 
 
 def test_the_tau_rule_tells_locas_runs_apart_and_no_other():
-    neuron = dict(tau_rule="neuron", **SMALL)
-    assert OnlineConfig(method="locas", **neuron).resolved() != OnlineConfig(method="locas", **SMALL).resolved()
+    neuron, paper = dict(tau_rule="neuron", **SMALL), dict(tau_rule="paper", **SMALL)
+    assert OnlineConfig(method="locas", **neuron).resolved() != OnlineConfig(method="locas", **paper).resolved()
     for method in ("lora", "none", "long"):
-        assert OnlineConfig(method=method, **neuron).resolved() == OnlineConfig(method=method, **SMALL).resolved()
+        assert OnlineConfig(method=method, **neuron).resolved() == OnlineConfig(method=method, **paper).resolved()
     with pytest.raises(ValueError, match="unknown tau_rule 'per_slot'; choose one of paper, neuron"):
         OnlineConfig(tau_rule="per_slot").resolved()
 
@@ -511,8 +511,8 @@ def test_a_preset_fills_only_the_options_not_given(monkeypatch):
 
 
 def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches():
-    for method in ("locas", "lora"):
-        config = OnlineConfig(method=method, **SMALL).resolved()
+    for method in ("locas", "lora"):  # such a config has the paper's settings (its only ones then)
+        config = OnlineConfig(method=method, preset="paper", **SMALL).resolved()
         saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tau_rule", "lora_targets", "preset")}
         assert same_settings(saved, config)
         assert not same_settings(saved, dataclasses.replace(config, tau_rule="neuron", lora_targets="q_proj"))

@@ -60,6 +60,7 @@ def finished(files: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("finished") / "points.jsonl"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep, "GRIDS", TINY_GRIDS)
+        patch.setitem(online.PRESETS, "default", online.PAPER)  # one preset point per method, then the grid
         assert sweep.main(sweep_argv(files, out)) == 0
     return {"out": out, "rows": [json.loads(line) for line in out.read_text().splitlines()]}
 
@@ -108,6 +109,7 @@ def test_a_restarted_sweep_runs_only_the_points_not_in_the_file(
         return run_books(model, tokenizer, books, label, config, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
+    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)
     monkeypatch.setattr(sweep.pg19, "run_books", counted)
     assert sweep.main(sweep_argv(files, out)) == 0
     lora = sorted((row["method"], row["config"]["lr"]) for row in finished["rows"] if row["method"] == "lora")
@@ -128,11 +130,13 @@ def test_other_books_are_other_points(files: dict, finished: dict, tmp_path: Pat
     out = tmp_path / "points.jsonl"
     out.write_text(finished["out"].read_text())
     monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
+    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)
     assert sweep.main(sweep_argv(files, out, "--max-tokens", "48", "--dry-run")) == 0
     assert capsys.readouterr().out.count("to run") == 5
 
 
-def test_points_per_method_paper_first_then_the_grid_in_order() -> None:
+def test_points_per_method_paper_first_then_the_grid_in_order(monkeypatch) -> None:
+    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)  # (else the default point comes first)
     points = sweep.sweep_points(BASE, ["locas", "lora"], max_points=5, grid="wide")
     assert [p.method for p in points].count("locas") == [p.method for p in points].count("lora") == 5
     locas = [p for p in points if p.method == "locas"]

@@ -642,7 +642,7 @@ def _trainer_options() -> argparse.ArgumentParser:
         default="default",
         choices=PRESETS,
         help="each method's hyperparameters for the options not given: paper (the paper's Locas, TempLoRA's "
-        "published defaults) or default (the best found on development books; for now the paper's)",
+        "published defaults) or default (each method's best point of the PG-19 sweep on development books)",
     )
     options.add_argument(
         "--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time"
