@@ -27,7 +27,7 @@ from pathlib import Path
 from locas.default_model import load_model
 from locas.evaluation import forgetting, mmlu
 from locas.evaluation.pg19 import open_state_folder, read_book, save_figure, write_json
-from locas.training.online import PRESETS, OnlineConfig, same_settings
+from locas.training.online import PRESETS, OnlineConfig, same_settings, settings_changes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -64,7 +64,8 @@ def run_method(model, tokenizer, args, method: str, book, subjects, probes, base
     if finished.exists():
         row = json.loads(finished.read_text(encoding="utf-8"))
         if not same_settings(row["config"], config):
-            raise ValueError(f"{finished} was run with other settings; delete it or choose another --out")
+            changes = settings_changes(row["config"], config)
+            raise ValueError(f"{finished} was run with other settings ({changes}); delete it or choose another --out")
         return row
     row = forgetting.evaluate_forgetting(
         model,

@@ -1,11 +1,11 @@
 """Sweep the knobs of Locas and TempLoRA on PG-19 development books: perplexity against wall time and against
 trainable parameters, with each method's Pareto front (issue 8).
 
-Every method gets the same number of points: its default point (`--preset default`, when it differs), its
-paper point (`--preset paper`), then the points of its grid below, in order (`--grid focused`, the default,
-`wide`, or `presets`: none; --max-points N keeps each method's first N). A grid point is the paper's settings
-with the point's knob values; None is the sweep's base value (--chunk-size). `none` (the backbone, same
-window) runs once per chunk and window as the reference.
+Each method gets its default point (`--preset default`, when it differs), its paper point (`--preset paper`),
+then the points of its grid below, in order (`--grid focused`, the default, `wide`, or `presets`: none;
+--max-points N keeps each method's first N). The focused grids give both methods the same number of points. A
+grid point is the paper's settings with the point's knob values; None is the sweep's base value (--chunk-size).
+`none` (the backbone, same window) runs once per chunk and window as the reference.
 
 A point runs every development book online, score-first (`pg19.run_books`, one book at a time unless
 --batch-books), and as soon as it finishes its line is appended to --out (JSONL): pooled PPL, wall seconds (sum
@@ -426,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context-window", type=int, default=512, help="window (default: %(default)s)")
     parser.add_argument("--methods", default="locas,lora", help="methods swept, comma-separated (default: %(default)s)")
     parser.add_argument(
-        "--max-points", type=int, default=0, help="points per method, its paper point included (default 0: all)"
+        "--max-points", type=int, default=0, help="each method's first N points, preset points first (default 0: all)"
     )
     parser.add_argument("--grid", default="focused", choices=list(GRIDS), help="which grids (default: %(default)s)")
     parser.add_argument("--model", default=None, help="as `locas --model` (default: the embedded SmolLM2-135M)")
@@ -440,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.methods = [method.strip() for method in args.methods.split(",")]
+    if args.max_points < 0:
+        parser.error(f"--max-points must be >= 0 (0: every point), got {args.max_points}")
     if unknown := [method for method in args.methods if method not in METHODS]:
         parser.error(f"--methods: no grid for {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return args
@@ -461,7 +463,7 @@ def check_lora_targets(points: Sequence[Point], model) -> None:
             try:
                 lora_target_modules(family_of(model), point.config.lora_targets)
             except ValueError as error:
-                raise SystemExit(f"pg19_sweep: {error}; edit LORA_GRID") from None
+                raise SystemExit(f"pg19_sweep: {error}; choose other lora_targets in the grid") from None
 
 
 def main(argv: list[str] | None = None) -> int:

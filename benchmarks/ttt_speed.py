@@ -121,7 +121,7 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         learner = make_learner(model, config, batch_size=len(rows))
         try:
             learner.prepare(config.memorize_at, [documents[r][:chunk] for r in rows], rows)
-            optimizer = _optimizer(learner.parameters(), config)
+            optimizer = _optimizer(learner.parameter_groups(), config)
             return median_seconds(
                 lambda: train_chunk(learner, optimizer, documents, rows, start, config), args.repeats, device
             )

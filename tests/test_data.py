@@ -44,7 +44,8 @@ def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
     tokens = torch.randint(3, 128, (48,), generator=torch.Generator().manual_seed(0))
     config = OnlineConfig(method="locas", chunk_size=16, context_window=16, width=4, lr=1e-2)
     with_bos = run_online(model, tokens, config, progress=False, tokenizer=tokenizer)
-    assert torch.equal(memorized[0][0], torch.cat([torch.tensor([bos]), tokens[:16]]))  # (the prefix: unscored)
+    assert torch.equal(memorized[0][0], torch.cat([torch.tensor([bos]), tokens[:16]]))
+    assert with_bos.memory.metadata["tokens_memorized"] == 16  # the prefix is run, not scored
     windows = [ids for ids in seen if ids.shape[1] > 16]  # the scored/trained windows
     assert len(windows) == 3 and all((ids[:, 0] == bos).all() for ids in windows)
     assert torch.equal(windows[-1][0, 1:], tokens[16:48])  # then the context and the chunk, unchanged

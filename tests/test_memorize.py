@@ -175,5 +175,8 @@ def test_a_prefix_is_run_but_not_scored(tokens):
     up, _ = key_rows(locas_model, 1)
     torch.testing.assert_close(memory.up[1, 0], unit(up[expected[1]]))
     assert memory.metadata["tokens_memorized"] == tokens.numel() - 3 * tokens.shape[0]
+    for bad in (-1, tokens.shape[1]):
+        with pytest.raises(ValueError, match=f"prefix_length {bad} leaves no token"):
+            locas_model.memorize(tokens, keep_top=5, prefix_length=bad)
     with pytest.raises(ValueError, match="'gradient' takes no prefix"):
         locas.attach(tiny_model("gpt2"), width=4).memorize(tokens, keep_top=4, memory_init="gradient", prefix_length=1)

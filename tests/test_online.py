@@ -100,8 +100,31 @@ def test_resume_after_an_interruption_ends_with_the_same_numbers(method, tmp_pat
     assert scores(resumed) == scores(whole)
     if method == "locas":
         assert torch.equal(resumed.memory.down, whole.memory.down)
-    with pytest.raises(ValueError, match="used other settings"):
+    with pytest.raises(ValueError, match=r"used other settings \(lr 0.01 -> 0.02\)"):
         run_online(tiny_model("gpt2"), tokens, dataclasses.replace(config, lr=2e-2), state_path=state, progress=False)
+
+
+def test_a_state_saved_with_one_optimizer_group_resumes(tmp_path):
+    """Before keys had a learning rate of their own, the optimiser held one group of every memory tensor."""
+    tokens, config, state = stream(160), OnlineConfig(method="locas", lr=1e-2, **SMALL), tmp_path / "state.pt"
+    whole = run_online(tiny_model("llama"), tokens, config, progress=False)
+
+    def interrupt(record, learner):
+        if record.index == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_online(
+            tiny_model("llama"), tokens, config, state_path=state, save_every=3, progress=False, on_chunk=interrupt
+        )
+    saved = torch.load(state, weights_only=False)
+    keys, values = saved["optimizer"]["param_groups"]
+    assert keys["lr"] == values["lr"] == 1e-2 and len(keys["params"]) == 2  # up and gate, then down
+    saved["optimizer"]["param_groups"] = [{**values, "params": keys["params"] + values["params"]}]
+    torch.save(saved, state)
+    resumed = run_online(tiny_model("llama"), tokens, config, state_path=state, progress=False)
+    assert scores(resumed) == scores(whole)
+    torch.testing.assert_close(resumed.memory.down, whole.memory.down)
 
 
 def test_self_distillation_with_the_same_context_and_a_zero_memory_is_exactly_zero():
@@ -446,7 +469,9 @@ def test_keys_learn_at_their_own_rate_and_frozen_keys_stay_the_memorized_ones():
     from locas.model import LocasModel
 
     model, tokens = tiny_model("llama"), stream(64)
-    memorized = memorize(LocasModel(model), tokens[:16].unsqueeze(0), keep_top=8)  # chunk 0, as the trainer does
+    scorer = LocasModel(model)
+    memorized = memorize(scorer, tokens[:16].unsqueeze(0), keep_top=8)  # chunk 0, as the trainer does
+    scorer.detach()
     runs = {
         scale: run_online(
             model, tokens, OnlineConfig(method="locas", lr=1e-2, key_lr_scale=scale, **SMALL), progress=False
@@ -458,6 +483,9 @@ def test_keys_learn_at_their_own_rate_and_frozen_keys_stay_the_memorized_ones():
     torch.testing.assert_close(frozen.gate, memorized.gate)
     assert frozen.down.abs().sum() > 0 and not torch.allclose(both.up, memorized.up)
     assert scores(runs[0.0])[:1] == scores(runs[1.0])[:1] and scores(runs[0.0]) != scores(runs[1.0])
+    assert runs[0.0].trainable_parameters == 2 * 8 * 32 and runs[1.0].trainable_parameters == 3 * 2 * 8 * 32
+    grown = OnlineConfig(method="locas", lr=1e-2, key_lr_scale=0.0, grow_by=4, max_width=16, **SMALL)
+    assert run_online(model, tokens, grown, progress=False).trainable_parameters == 2 * 16 * 32  # values only
     assert OnlineConfig(method="locas", key_lr_scale=0.5).resolved() != OnlineConfig(method="locas").resolved()
     assert OnlineConfig(method="lora", key_lr_scale=0.5).resolved() == OnlineConfig(method="lora").resolved()
     with pytest.raises(ValueError, match="key_lr_scale must be a number >= 0"):
@@ -513,8 +541,11 @@ def test_a_preset_fills_only_the_options_not_given(monkeypatch):
 def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches():
     for method in ("locas", "lora"):  # such a config has the paper's settings (its only ones then)
         config = OnlineConfig(method=method, preset="paper", **SMALL).resolved()
-        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tau_rule", "lora_targets", "preset")}
+        new_options = ("tau_rule", "lora_targets", "key_lr_scale", "preset")
+        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in new_options}
         assert same_settings(saved, config)
+        if method == "locas":
+            assert not same_settings(saved, dataclasses.replace(config, key_lr_scale=0.1))
         assert not same_settings(saved, dataclasses.replace(config, tau_rule="neuron", lora_targets="q_proj"))
 
 

@@ -139,6 +139,11 @@ def memorize(
     `prefix_length` tokens of every row (`data.window_prefix`, e.g. `<bos>`) are run but not scored.
     """
     _check_inputs(input_ids, keep_top, memory_init)
+    if not 0 <= prefix_length < input_ids.shape[1]:
+        raise ValueError(
+            f"prefix_length {prefix_length} leaves no token of the {input_ids.shape[1]}-token rows to score; "
+            "it must be >= 0 and less than the row length"
+        )
     if memory_init == "gradient" and prefix_length:
         raise ValueError("memory_init='gradient' takes no prefix (its 2-layer-MLP families put no <bos> first)")
     tokens = int(_token_mask(input_ids, attention_mask, prefix_length).sum())

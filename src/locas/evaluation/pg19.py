@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.data import read_text
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
-from locas.training.online import OnlineConfig, OnlineResult, run_online_batch, same_settings
+from locas.training.online import OnlineConfig, OnlineResult, run_online_batch, same_settings, settings_changes
 
 MARKS = (50_000, 100_000, 150_000, 200_000)  # tokens read: the paper's PPL@50K ... PPL@200K
 PERCENTS = tuple(range(10, 101, 10))  # of the tokens read: the curve's deciles
@@ -227,7 +227,8 @@ def run_books(
             row = json.loads(finished.read_text(encoding="utf-8"))
             if not same_settings(row["config"], config):
                 raise ValueError(
-                    f"the finished run in {finished} used other settings; delete it or choose another output"
+                    f"the finished run in {finished} used other settings "
+                    f"({settings_changes(row['config'], config)}); delete it or choose another output"
                 )
             rows[book.name] = row
     pending = [book for book in books if book.name not in rows]

@@ -166,7 +166,7 @@ class OnlineConfig:
             if name not in used:
                 values[name] = getattr(unused, name)
             elif values[name] is None:  # the preset's value; the paper's where the preset does not set it
-                values[name] = preset.get(name, getattr(unused, name))
+                values[name] = preset.get(name, PAPER.get(self.method, {}).get(name, getattr(unused, name)))
         config = OnlineConfig(**values)
         config._check()
         return config
@@ -282,6 +282,20 @@ def same_settings(saved: dict | None, config: OnlineConfig) -> bool:
         return False
 
 
+def settings_changes(saved: dict, config: OnlineConfig) -> str:
+    """What differs between `saved` (as in `same_settings`) and `config`, e.g. "tau_rule 'paper' -> 'neuron'"."""
+    try:
+        before = saved_config(saved)
+    except TypeError:
+        return "saved by another version of locas"
+    changes = [
+        f"{f.name} {getattr(before, f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(config)
+        if f.compare and getattr(before, f.name) != getattr(config, f.name)
+    ]
+    return ", ".join(changes) or "none"
+
+
 def chunk_spans(num_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     """(start, end) of each chunk; the last may be shorter."""
     return [(start, min(start + chunk_size, num_tokens)) for start in range(0, num_tokens, chunk_size)]
@@ -385,17 +399,25 @@ class MemoryLearner(Learner):
         }
         inert = next(iter(new.values())).zeros_like()  # for documents already finished
         new = Memory.stack([new.get(row, inert) for row in range(self.batch_size)])
-        self.locas_model.attach_memory(new if memorize_now else self.memory.concat(new))
+        self._attach(new if memorize_now else self.memory.concat(new))
         return True
 
+    def _keys(self) -> list[torch.nn.Parameter]:
+        return [t for t in (self.memory.up, self.memory.gate) if t is not None]
+
+    def _attach(self, memory: Memory) -> None:
+        self.locas_model.attach_memory(memory)
+        for key in self._keys():  # frozen keys (key_lr_scale 0) take no gradient
+            key.requires_grad_(self.config.key_lr_scale > 0)
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.memory is None else list(self.memory.parameters())
+        return [] if self.memory is None else [p for p in self.memory.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict]:
         if self.memory is None:
             return super().parameter_groups()
-        keys = [t for t in (self.memory.up, self.memory.gate) if t is not None]
-        return [{"params": keys, "lr": self.config.lr * self.config.key_lr_scale}, {"params": [self.memory.down]}]
+        keys = [{"params": self._keys(), "lr": self.config.lr * self.config.key_lr_scale}]
+        return (keys if self.config.key_lr_scale > 0 else []) + [{"params": [self.memory.down]}]
 
     def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
         every_row = rows is None or list(rows) == list(range(self.batch_size))
@@ -418,7 +440,7 @@ class MemoryLearner(Learner):
     def load_state_dict(self, state: dict) -> None:
         saved = state["memory"]
         if saved is not None:
-            self.locas_model.attach_memory(Memory(**saved))
+            self._attach(Memory(**saved))
 
     def close(self) -> None:
         self.locas_model.detach()
@@ -738,7 +760,8 @@ def run_online_batch(
                 raise ValueError(f"{state_path} was saved by an older locas; delete it or choose another output")
             if not same_settings(state["config"], config):
                 raise ValueError(
-                    f"the saved run in {state_path} used other settings; delete it or choose another output"
+                    f"the saved run in {state_path} used other settings ({settings_changes(state['config'], config)}); "
+                    "delete it or choose another output"
                 )
             if state["texts"] != fingerprints:
                 raise ValueError(f"the saved run in {state_path} read another text; delete it or choose another output")
@@ -753,7 +776,12 @@ def run_online_batch(
             learner.load_state_dict(state["learner"])
             if state["optimizer"] is not None:
                 optimizer = _optimizer(learner.parameter_groups(), config)
-                optimizer.load_state_dict(state["optimizer"])
+                if len(state["optimizer"]["param_groups"]) == len(optimizer.param_groups):
+                    optimizer.load_state_dict(state["optimizer"])
+                else:  # saved before the keys had a group of their own: one group of every parameter
+                    previous = torch.optim.AdamW(learner.parameters(), lr=config.lr)
+                    previous.load_state_dict(state["optimizer"])
+                    optimizer = _optimizer(learner.parameter_groups(), config, previous=previous)
 
         def save() -> None:
             if state_path is not None:
