@@ -146,7 +146,7 @@ def test_method_labels_set_the_method_and_the_locas_init() -> None:
     assert [c.method for c in configs.values()] == ["none", "locas", "locas", "lora"]
     assert configs["locas"].memory_init == "highest" and configs["locas:random_index"].memory_init == "random_index"
     assert (configs["locas"].lr, configs["locas"].steps_per_chunk) == (4e-3, 1)  # resolved method defaults
-    assert (configs["lora"].lr, configs["lora"].steps_per_chunk) == (5e-5, 2)
+    assert (configs["lora"].lr, configs["lora"].steps_per_chunk) == (1e-3, 1)  # the default preset
     assert configs["locas:random_index"].width == 8
 
 
@@ -159,7 +159,7 @@ def test_eval_pg19_writes_results_and_a_plot(files: dict, full_run: dict) -> Non
     assert results["settings"] == settings
     assert list(results["methods"]) == ["none", "locas", "lora"]
     lora = results["methods"]["lora"]
-    assert (lora["lr"], lora["steps_per_chunk"], lora["lora_rank"], lora["chunk_size"]) == (5e-5, 2, 4, 16)
+    assert (lora["lr"], lora["steps_per_chunk"], lora["lora_rank"], lora["chunk_size"]) == (1e-3, 1, 4, 16)
     assert list(results["books"]) == ["a", "b"]
 
     tokenizer = tiny_tokenizer()

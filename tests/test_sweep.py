@@ -210,14 +210,12 @@ def test_the_table_lists_each_methods_pareto_best_points(monkeypatch) -> None:
     assert "default settings: PPL 44.000 in 300 s, 1,000 parameters" in table
 
 
-def test_a_grid_point_equal_to_the_default_runs_once() -> None:
-    default = OnlineConfig(chunk_size=16, context_window=16).resolved()
-    points = sweep.sweep_points(BASE, ["locas"], None)
-    assert [p.kind for p in points[:3]] == ["reference", "default", "paper"] and points[1].config == default
+def test_a_grid_point_equal_to_the_default_runs_once(monkeypatch) -> None:
+    default = {**online.PAPER["lora"], "lr": sweep.LORA_GRID[0]["lr"][0], "steps_per_chunk": 1}
+    monkeypatch.setitem(online.PRESETS, "default", {**online.PRESETS["default"], "lora": default})
+    points = sweep.sweep_points(BASE, ["lora"], None)
+    assert [p.kind for p in points[:3]] == ["reference", "default", "paper"]
+    assert points[1].config == OnlineConfig(method="lora", chunk_size=16, context_window=16).resolved()
     keys = [sweep.config_key(p.config) for p in points]
-    assert len(set(keys)) == len(keys)
-    grid = sweep.grid_combinations(sweep.LOCAS_GRID)
-    equal_to_default = [
-        values for values in grid if dataclasses.replace(points[2].config, **values).resolved() == default
-    ]
-    assert len([p for p in points if p.kind == "grid"]) == len(grid) - len(equal_to_default)
+    assert len(set(keys)) == len(keys)  # the grid's first point is the default: run once
+    assert len([p for p in points if p.kind == "grid"]) == len(sweep.grid_combinations(sweep.LORA_GRID)) - 1
