@@ -362,8 +362,7 @@ def plot_sweep(rows: Sequence[dict], path: Path) -> None:
 
 def row_knobs(row: dict) -> dict:
     """The values of a row's knobs (`knob_names`), read from its config."""
-    config = saved_config(row["config"])
-    return {name: getattr(config, name) for name in knob_names(row["method"])}
+    return Point(row["method"], row["kind"], saved_config(row["config"])).knobs
 
 
 def describe(knobs: dict) -> str:
