@@ -51,6 +51,10 @@ PG19 = REPO.parent / "shared" / "data" / "pg19"
 # tuned learning rate, then a smaller rank and other scales. (The second Locas sub-grid replaced lr 1e-2 with
 # 2 steps per chunk once lr 1e-2 with 1 step had come out worse than no memory.)
 LOCAS_GRID = [
+    {"tau_rule": ["output"], "output_ratio": [0.1, 0.2, 0.05]},
+    {"tau_rule": ["output"], "output_ratio": [0.1], "top_layers": [0.5]},
+    {"tau_rule": ["output"], "output_ratio": [0.4]},
+    {"tau_rule": ["output"], "output_ratio": [0.1], "lr": [6e-3, 2.5e-3]},
     {"tau_rule": ["neuron"], "lr": [4e-3, 2e-3], "steps_per_chunk": [1, 2]},
     {"tau_rule": ["neuron"], "lr": [1e-2, 6e-3, 3e-3]},
     {"tau_rule": ["neuron"], "width": [16, 256]},
@@ -68,7 +72,7 @@ WIDE_LOCAS_GRID = [
         "lr": [1e-3, 4e-3, 1e-2, 3e-2],
         "steps_per_chunk": [1, 2],
         "width": [64, 256],
-        "tau_rule": ["paper", "neuron"],
+        "tau_rule": ["paper", "neuron", "output"],
         "memory_init": ["highest", "random_index"],
         "memorize_at": [0, 2],
         "grow_by": [0, 8],

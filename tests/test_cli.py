@@ -119,6 +119,20 @@ def test_memorize_writes_a_memory_and_the_loss_goes_down(files: dict) -> None:
     assert [p.name for p in files["memory"].parent.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_memorize_tau_rule_output_measures_tau_on_the_text(files: dict, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "output.safetensors"
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW]
+    code, _, err = run(capsys, *argv, "--tau-rule", "output", "--output-ratio", "0.5")
+    assert code == 0, err
+    memory, paper = Memory.load(out), Memory.load(files["memory"])
+    assert (memory.metadata["tau_rule"], memory.metadata["output_ratio"]) == ("output", 0.5)
+    assert paper.metadata["tau_rule"] == "paper" and not torch.allclose(memory.tau, paper.tau)
+    code, _, err = run(capsys, *argv, "--tau-rule", "output", "--output-ratio", "-1")
+    assert code == 2 and "--output-ratio" in err
+    code, _, err = run(capsys, *argv, "--output-ratio", "0.5")  # the default rule, paper, would ignore it
+    assert code == 2 and "add --tau-rule output or drop --output-ratio" in err
+
+
 GRPO_FLAGS = ["--grpo-prompt-tokens", "8", "--grpo-continuation-tokens", "4", "--grpo-max-new-tokens", "4"]
 GRPO_FLAGS += ["--grpo-group-size", "3", "--grpo-prompts-per-chunk", "2"]
 
@@ -562,6 +576,12 @@ def test_explicit_flags_win_over_the_preset(default_is_not_paper) -> None:
     assert (configs["lora"].lr, configs["lora"].lora_rank, configs["lora"].steps_per_chunk) == (2e-3, 8, 2)
     configs = trainer_configs("--width", "64", "--lora-targets", "all")  # a flag equal to paper's still wins
     assert (configs["locas"].width, configs["locas"].lr, configs["lora"].lora_targets) == (64, 1e-2, "all")
+    configs = trainer_configs("--tau-rule", "output", "--output-ratio", "0.25", "--top-layers", "0.5")
+    assert (configs["locas"].tau_rule, configs["locas"].output_ratio, configs["locas"].top_layers) == (
+        "output",
+        0.25,
+        0.5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -569,6 +589,8 @@ def test_explicit_flags_win_over_the_preset(default_is_not_paper) -> None:
     [
         (["--preset", "best"], ["argument --preset", "invalid choice: 'best'", "paper", "default"]),
         (["--tau-rule", "slot"], ["argument --tau-rule", "invalid choice: 'slot'", "neuron"]),
+        (["--output-ratio", "0"], ["argument --output-ratio", "0"]),
+        (["--top-layers", "1.5"], ["argument --top-layers", "at most 1, got 1.5"]),
     ],
 )
 def test_unknown_preset_or_tau_rule_is_refused(tmp_path: Path, flags: list[str], fragments: list[str], capsys) -> None:
@@ -577,3 +599,13 @@ def test_unknown_preset_or_tau_rule_is_refused(tmp_path: Path, flags: list[str],
     code, out, err = run(capsys, "eval", "pg19", book, "--method", "locas", "--out", tmp_path / "r.json", *flags)
     assert code == 2 and out == ""
     usage_error(err, "eval pg19", *fragments)
+
+
+def test_an_output_ratio_the_tau_rule_would_ignore_is_refused(tmp_path: Path, capsys) -> None:
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    argv = ["eval", "pg19", book, "--method", "locas", "--out", tmp_path / "r.json", "--output-ratio", "0.2"]
+    code, out, err = run(capsys, *argv, "--preset", "paper")
+    assert code == 2 and out == ""
+    assert "the tau rule here is 'paper': add --tau-rule output or drop --output-ratio" in err
+    assert not (tmp_path / "r.json").exists()

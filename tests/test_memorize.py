@@ -180,3 +180,88 @@ def test_a_prefix_is_run_but_not_scored(tokens):
             locas_model.memorize(tokens, keep_top=5, prefix_length=bad)
     with pytest.raises(ValueError, match="'gradient' takes no prefix"):
         locas.attach(tiny_model("gpt2"), width=4).memorize(tokens, keep_top=4, memory_init="gradient", prefix_length=1)
+
+
+def hand_output_tau(locas_model, memory, tokens, ratio, scored=None):
+    """The `output` rule from its definition: per layer, ratio x median ||mlp(x_t)|| / median sum_j |act_j(x_t)|
+    over the scored tokens, with act_j computed from the memory's raw key (and gate) rows."""
+    family = locas_model.family
+    captured = {}
+    mlps = family.mlps(locas_model.model)
+    handles = [
+        mlp.register_forward_hook(lambda module, args, out, i=i: captured.__setitem__(i, (args[0], out)))
+        for i, mlp in enumerate(mlps)
+    ]
+    with torch.no_grad(), locas_model.using(None):
+        locas_model.model(tokens)
+    for handle in handles:
+        handle.remove()
+    scored = torch.ones_like(tokens, dtype=torch.bool) if scored is None else scored
+    taus = []
+    for i, mlp in enumerate(mlps):
+        x, out = captured[i]
+        pre = x @ memory.up[i, 0].T
+        act = family.activation(mlp)(x @ memory.gate[i, 0].T) * pre if memory.gated else family.activation(mlp)(pre)
+        taus.append(ratio * out.norm(dim=-1)[scored].median() / act.abs().sum(dim=-1)[scored].median())
+    return torch.stack(taus)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize("memory_init", ["highest", "random"])
+def test_output_rule_sets_tau_from_the_mlp_output_measured_on_the_text(family_name, memory_init, tokens):
+    locas_model = locas.LocasModel(tiny_model(family_name), tau_rule="output", output_ratio=0.3)
+    memory = locas_model.memorize(tokens, keep_top=6, memory_init=memory_init, prefix_length=1)
+    scored = torch.ones_like(tokens, dtype=torch.bool)
+    scored[:, 0] = False  # the prefix is run but not measured
+    expected = hand_output_tau(locas_model, memory, tokens, 0.3, scored)
+    torch.testing.assert_close(memory.tau, expected.view(-1, 1, 1).expand(-1, 1, 6), rtol=1e-5, atol=0)
+    assert memory.metadata["tau_rule"] == "output" and memory.metadata["output_ratio"] == 0.3
+    # the bound is relative: a wider memory gets a smaller tau per slot, the same ratio in all
+    wider = locas_model.memorize(tokens, keep_top=12, memory_init=memory_init, prefix_length=1)
+    assert (wider.tau[:, 0, 0] < memory.tau[:, 0, 0]).all()
+
+
+def test_output_rule_gives_each_sequence_its_own_tau(tokens):
+    locas_model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
+    texts = torch.stack([tokens[0], torch.randint(0, 128, tokens[0].shape, generator=torch.Generator().manual_seed(5))])
+    batched = locas_model.memorize(texts, keep_top=4, per_sequence=True)
+    assert batched.tau.shape == (2, 2, 4) and not torch.allclose(batched.tau[:, 0], batched.tau[:, 1])
+    for row in range(2):
+        alone = locas_model.memorize(texts[row : row + 1], keep_top=4)
+        torch.testing.assert_close(batched.tau[:, row : row + 1], alone.tau)
+    pooled = locas_model.memorize(texts, keep_top=4)  # one memory: measured over both texts
+    assert pooled.tau.shape == (2, 1, 4)
+
+
+def test_output_rule_needs_a_text_and_a_positive_ratio():
+    with pytest.raises(ValueError, match=r"tau_rule 'output' measures .*\.memorize\(input_ids, keep_top"):
+        locas.attach(tiny_model("llama"), width=4, tau_rule="output")
+    with pytest.raises(ValueError, match="output_ratio must be a positive number, got 0"):
+        locas.LocasModel(tiny_model("llama"), tau_rule="output", output_ratio=0)
+
+
+def test_output_rule_leaves_padding_out_and_refuses_a_row_with_nothing_to_measure(tokens):
+    locas_model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
+    tokens = tokens[:1]
+    short = tokens[:, :6]
+    padded = torch.cat([short, torch.zeros_like(tokens[:, 6:])], dim=1)  # right padding (causal: no effect on 0..5)
+    mask = torch.cat([torch.ones_like(short), torch.zeros_like(tokens[:, 6:])], dim=1)
+    texts, masks = torch.cat([padded, tokens]), torch.cat([mask, torch.ones_like(tokens)])
+    batched = locas_model.memorize(texts, attention_mask=masks, keep_top=4, per_sequence=True)
+    torch.testing.assert_close(batched.tau[:, :1], locas_model.memorize(short, keep_top=4).tau)
+    masks[0] = 0
+    with pytest.raises(ValueError, match="sequence 0 has no token .* to measure tau on"):
+        locas_model.memorize(texts, attention_mask=masks, keep_top=4, per_sequence=True, memory_init="random")
+
+
+def test_output_rule_measures_the_gradient_inits_keys(tokens):
+    locas_model = locas.LocasModel(tiny_model("gpt2"), tau_rule="output", output_ratio=0.2)
+    memory = locas_model.memorize(tokens, keep_top=4, memory_init="gradient")
+    expected = hand_output_tau(locas_model, memory, tokens, 0.2)
+    torch.testing.assert_close(memory.tau, expected.view(-1, 1, 1).expand(-1, 1, 4), rtol=1e-5, atol=0)
+
+
+def test_memorize_leaves_no_values_in_layers_that_do_not_run_the_memory(tokens):
+    locas_model = locas.LocasModel(tiny_model("gpt2"), memory_layers=[1])
+    memory = locas_model.memorize(tokens, keep_top=4, memory_init="gradient")
+    assert memory.down[0].abs().sum() == 0 and memory.down[1].abs().sum() > 0

@@ -15,7 +15,7 @@ def random_memory(layers=2, batch=1, width=5, hidden=8, gated=True, seed=0, scal
     def draw():
         return torch.randn(shape, generator=generator) * scale
 
-    tau = torch.rand((layers, width), generator=generator) + 0.1
+    tau = torch.rand((layers, batch, width), generator=generator) + 0.1
     return Memory(up=draw(), gate=draw() if gated else None, down=draw(), tau=tau, metadata={"fingerprint": "x"})
 
 
@@ -153,3 +153,49 @@ def test_loading_refuses_a_folder_and_an_incomplete_memory(tmp_path):
     save_file({"up": memory.up.detach(), "tau": memory.tau}, str(tmp_path / "broken.safetensors"), metadata=header)
     with pytest.raises(ValueError, match=r"incomplete locas memory \(missing tensors: \['down'\]\)"):
         Memory.load(tmp_path / "broken.safetensors")
+
+
+def test_each_memory_of_a_batch_keeps_its_own_tau(tmp_path):
+    first, second = random_memory(seed=1), random_memory(seed=2)
+    batch = Memory.stack([first, second])
+    assert batch.tau.shape == (2, 2, 5)
+    x = torch.randn(2, 3, 8)
+    together = batch.layer_output(1, x, torch.nn.functional.silu)
+    for row, alone in enumerate((first, second)):
+        torch.testing.assert_close(
+            together[row : row + 1], alone.layer_output(1, x[row : row + 1], torch.nn.functional.silu)
+        )
+        assert torch.equal(batch.select(row).tau, alone.tau)
+    loaded = Memory.load(batch.save(tmp_path / "batch.safetensors"))
+    assert torch.equal(loaded.tau, batch.tau)
+    assert torch.equal(batch.select(-1).tau, second.tau)
+    with pytest.raises(ValueError, match="only memories of the same width can be stacked"):
+        Memory.stack([first, random_memory(width=4)])
+
+
+def test_a_version_1_file_with_one_tau_for_the_batch_still_loads(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    memory = random_memory(batch=2)
+    shared = memory.tau[:, 0].contiguous()  # version 1: tau (layers, width), shared by the batch
+    tensors = {name: t.detach() for name, t in memory.slot_tensors().items()} | {"tau": shared}
+    header = {"locas": json.dumps({**memory.metadata, "format_version": 1, "width": 5, "gated": True})}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=header)
+    loaded = Memory.load(tmp_path / "old.safetensors")
+    assert loaded.tau.shape == (2, 2, 5) and torch.equal(loaded.tau[:, 1], shared)
+    header = {"locas": json.dumps({**memory.metadata, "format_version": 3, "width": 5, "gated": True})}
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match="format version 3; this locas reads versions 1, 2: update locas"):
+        Memory.load(tmp_path / "new.safetensors")
+    header = {"locas": json.dumps({**memory.metadata, "width": 5, "gated": True})}
+    save_file(tensors, str(tmp_path / "none.safetensors"), metadata=header)
+    with pytest.raises(ValueError, match="format version None; .* not a valid locas memory"):
+        Memory.load(tmp_path / "none.safetensors")
+
+
+def test_concat_brings_the_new_slots_to_the_memorys_device():
+    memory = random_memory().to("meta")  # stands in for a GPU: slots grown on the CPU join it there
+    grown = memory.concat(random_memory(seed=1))
+    assert {t.device.type for t in (*grown.slot_tensors().values(), grown.tau)} == {"meta"}

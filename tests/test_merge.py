@@ -53,7 +53,7 @@ def test_bfloat16_merge_keeps_the_backbone_bits_and_rounds_the_memory_once():
         old_weights, new_weights = family.read(old), family.read(new)
         assert torch.equal(new_weights.gate[:48], old_weights.gate)
         assert torch.equal(new_weights.down[:, :48], old_weights.down)
-        expected_values = (memory.down[layer, 0] * memory.tau[layer].unsqueeze(-1)).T.to(torch.bfloat16)
+        expected_values = (memory.down[layer, 0] * memory.tau[layer, 0].unsqueeze(-1)).T.to(torch.bfloat16)
         assert torch.equal(new_weights.down[:, 48:], expected_values)
 
 

@@ -54,7 +54,7 @@ def test_layer_output_matches_slot_by_slot_formula(family_name):
     for j in range(memory.width):
         pre = x @ memory.up[1, 0, j]
         strength = activation(x @ memory.gate[1, 0, j]) * pre if memory.gated else activation(pre)
-        expected += memory.tau[1, j] * strength.unsqueeze(-1) * memory.down[1, 0, j]
+        expected += memory.tau[1, 0, j] * strength.unsqueeze(-1) * memory.down[1, 0, j]
     torch.testing.assert_close(memory.layer_output(1, x, activation), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -65,12 +65,12 @@ def test_tau_is_mean_output_vector_norm_over_width(family_name):
     # Each neuron's output vector, read from the raw module: Conv1D stores (in, out), Linear (out, in).
     raw = mlp.c_proj.weight if family_name == "gpt2" else locas_model.family.down_module(mlp).weight.T
     expected = raw.norm(dim=1).mean() / 8
-    torch.testing.assert_close(locas_model.memory.tau[0], expected.expand(8))
+    torch.testing.assert_close(locas_model.memory.tau[0, 0], expected.expand(8))
     assert output_scales(model).shape == (2,)
     # tau_rule "neuron": every slot as strong as an average neuron, whatever the width
     assert locas_model.memory.metadata["tau_rule"] == "paper"
     neuron = locas.attach(locas_model.detach(), width=8, tau_rule="neuron")
-    torch.testing.assert_close(neuron.memory.tau[0], (expected * 8).expand(8))
+    torch.testing.assert_close(neuron.memory.tau[0, 0], (expected * 8).expand(8))
     assert neuron.memory.metadata["tau_rule"] == "neuron"
 
 
@@ -144,3 +144,34 @@ def test_bfloat16_backbone_keeps_its_dtype_and_float32_memory(family_name, token
     assert locas_model.memory.up.dtype == torch.float32
     assert next(model.parameters()).dtype == torch.bfloat16
     assert locas_model(tokens).logits.dtype == torch.bfloat16
+
+
+def test_memory_layers_run_the_memory_there_only_and_the_backward_stops_below_them(tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    every_layer = locas.LocasModel(model)
+    memory = with_random_values(every_layer, width=4)
+    down = memory.down.detach().clone()
+    down[0] = 0  # the same memory without its layer-0 values
+    every_layer.memory = locas.Memory(up=memory.up.detach(), gate=memory.gate.detach(), down=down, tau=memory.tau)
+    with torch.no_grad():
+        expected = every_layer(tokens).logits
+    every_layer.detach()
+    top = locas.LocasModel(model, memory=memory, memory_layers=[1])
+    with torch.no_grad():
+        logits = top(tokens).logits
+    torch.testing.assert_close(logits, expected)
+    dense = top.to_dense()  # merges layer 1's slots only, as the memory model runs them
+    dense.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path)(tokens).logits - logits).abs().max() < 1e-4
+
+    reached = []
+    top.family.mlps(model)[0].register_full_backward_hook(lambda *args: reached.append(0))
+    top.family.mlps(model)[1].register_full_backward_hook(lambda *args: reached.append(1))
+    top(tokens).logits.sum().backward()
+    assert reached == [1]  # nothing below the lowest memory layer is back-propagated through
+    assert memory.down.grad[0].abs().sum() == 0 and memory.down.grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"memory_layers must be some of the model's layers 0\.\.1, got \[2\]"):
+        locas.LocasModel(model, memory_layers=[2])

@@ -177,7 +177,7 @@ def test_memory_learns_text_it_cannot_see_in_its_window():
     locas = run_online(
         tiny_model("llama"),
         tokens,
-        OnlineConfig(method="locas", lr=5e-2, steps_per_chunk=3, **{**SMALL, "width": 16}),
+        OnlineConfig(method="locas", lr=5e-2, steps_per_chunk=3, tau_rule="paper", **{**SMALL, "width": 16}),
         progress=False,
     )
     assert locas.nll < none.nll - 0.05
@@ -262,6 +262,8 @@ BATCH_CASES = {
     "none": dict(method="none"),
     "locas ntp, growth": dict(method="locas", lr=2e-2, steps_per_chunk=2, grow_by=4, max_width=16),
     "locas mix, random_index": dict(method="locas", lr=2e-2, loss="mix", teacher_window=32, memory_init="random_index"),
+    "locas, tau rule output": dict(method="locas", lr=2e-2, tau_rule="output", grow_by=4, max_width=12),
+    "locas, tau rule paper": dict(method="locas", lr=2e-2, tau_rule="paper"),
 }
 
 
@@ -280,6 +282,7 @@ def test_documents_adapted_in_one_batch_equal_separate_runs(case, one_thread):
             for name, tensor in alone.memory.slot_tensors().items():
                 torch.testing.assert_close(batched.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
             assert batched.trainable_parameters == alone.trainable_parameters
+            torch.testing.assert_close(batched.memory.tau, alone.memory.tau)  # output rule: each text its own
 
 
 def test_a_batched_run_resumes_and_lora_refuses_a_batch(tmp_path, one_thread):
@@ -452,7 +455,20 @@ def test_the_tau_rule_sets_the_memorys_output_scale(tau_rule):
     result = run_online(model, stream(48), OnlineConfig(method="locas", tau_rule=tau_rule, **SMALL), progress=False)
     scales = output_scales(model) / (8 if tau_rule == "paper" else 1)  # SMALL's width is 8
     assert result.config.tau_rule == tau_rule and result.memory.metadata["tau_rule"] == tau_rule
-    assert torch.allclose(result.memory.tau, scales.unsqueeze(1).expand(-1, 8))
+    assert torch.allclose(result.memory.tau, scales.view(-1, 1, 1).expand(-1, 1, 8))
+
+
+def test_the_default_preset_measures_tau_and_refuses_a_bad_output_ratio():
+    config = OnlineConfig(method="locas").resolved()
+    assert (config.tau_rule, config.output_ratio) == ("output", 0.1)
+    result = run_online(tiny_model("llama"), stream(48), OnlineConfig(method="locas", **SMALL), progress=False)
+    assert result.memory.metadata["tau_rule"] == "output" and result.memory.metadata["output_ratio"] == 0.1
+    with pytest.raises(ValueError, match="output_ratio must be a positive number, got -1"):
+        OnlineConfig(method="locas", output_ratio=-1).resolved()
+    # only the output rule reads the ratio, so it never tells runs of another rule apart
+    paper = dict(method="locas", tau_rule="paper")
+    assert OnlineConfig(**paper, output_ratio=0.3).resolved() == OnlineConfig(**paper).resolved()
+    assert OnlineConfig(method="locas", output_ratio=0.3).resolved() != config
 
 
 def test_the_tau_rule_tells_locas_runs_apart_and_no_other():
@@ -541,7 +557,7 @@ def test_a_preset_fills_only_the_options_not_given(monkeypatch):
 def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches():
     for method in ("locas", "lora"):  # such a config has the paper's settings (its only ones then)
         config = OnlineConfig(method=method, preset="paper", **SMALL).resolved()
-        new_options = ("tau_rule", "lora_targets", "key_lr_scale", "preset")
+        new_options = ("tau_rule", "output_ratio", "lora_targets", "key_lr_scale", "preset")
         saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in new_options}
         assert same_settings(saved, config)
         if method == "locas":
@@ -552,3 +568,15 @@ def test_a_config_saved_before_tau_rules_presets_and_lora_targets_still_matches(
 def test_ntp_then_grpo_needs_ntp_steps():
     with pytest.raises(ValueError, match="steps_per_chunk 0 with loss 'ntp\\+grpo' leaves GRPO alone"):
         OnlineConfig(method="locas", loss="ntp+grpo", steps_per_chunk=0).resolved()
+
+
+def test_top_layers_train_the_memory_in_the_top_layers_only():
+    model = tiny_model("llama")  # 2 layers: 0.5 is the top one
+    config = OnlineConfig(method="locas", tau_rule="paper", lr=5e-2, top_layers=0.5, **SMALL)
+    top = run_online(model, stream(48), config, progress=False)
+    every = run_online(model, stream(48), dataclasses.replace(config, top_layers=1.0), progress=False)
+    assert top.memory.down[0].abs().sum() == 0 and top.memory.down[1].abs().sum() > 0
+    assert top.trainable_parameters * 2 == every.trainable_parameters
+    assert scores(top)[0] == pytest.approx(scores(every)[0]) and scores(top)[1:] != pytest.approx(scores(every)[1:])
+    with pytest.raises(ValueError, match=r"top_layers must be a fraction in \(0, 1\] of the layers, got 0"):
+        OnlineConfig(method="locas", top_layers=0).resolved()

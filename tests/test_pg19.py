@@ -413,7 +413,7 @@ def test_eval_pg19_trains_locas_with_grpo(files: dict, tmp_path: Path, monkeypat
     monkeypatch.setattr(grpo, "recall_reward", lambda tokenizer: lambda sample, truth: (sample < 160).float().mean())
     out = tmp_path / "grpo.json"
     argv = ["eval", "pg19", files["a"], "--model", files["model"], "--method", "none", "--method", "locas", *TINY]
-    code, _, err = run(capsys, *argv, "--loss", "grpo", *GRPO, "--out", out)
+    code, _, err = run(capsys, *argv, "--loss", "grpo", *GRPO, "--tau-rule", "paper", "--out", out)
     assert code == 0, err
     results = json.loads(out.read_text())
     locas = results["methods"]["locas"]

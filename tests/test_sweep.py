@@ -152,8 +152,11 @@ def test_points_per_method_paper_first_then_the_grid_in_order(monkeypatch) -> No
     whole = sweep.sweep_points(BASE, ["locas"], max_points=None)  # the reference, the paper point, the sub-grids
     assert len(whole) == 2 + sum(math.prod(map(len, sub_grid.values())) for sub_grid in sweep.LOCAS_GRID)
     combinations = sweep.grid_combinations(sweep.LOCAS_GRID)  # sub-grid after sub-grid, the last knob fastest
-    lr = sweep.LOCAS_GRID[0]["lr"][0]
-    assert combinations[:2] == [{"tau_rule": "neuron", "lr": lr, "steps_per_chunk": steps} for steps in (1, 2)]
+    ratios = sweep.LOCAS_GRID[0]["output_ratio"]
+    assert combinations[: len(ratios)] == [{"tau_rule": "output", "output_ratio": ratio} for ratio in ratios]
+    lr = sweep.LOCAS_GRID[1]["lr"][0]
+    following = combinations[len(ratios) : len(ratios) + 2]
+    assert following == [{"tau_rule": "neuron", "lr": lr, "steps_per_chunk": steps} for steps in (1, 2)]
     grid = [p.config for p in whole if p.kind == "grid"]
     ran = [{name: getattr(config, name) for name in values} for config, values in zip(grid, combinations, strict=True)]
     assert ran == combinations

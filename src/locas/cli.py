@@ -84,6 +84,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
 def category(text: str) -> int:
     value = int(text)
     if value not in range(1, 6):
@@ -169,10 +176,10 @@ def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> 
     }
 
 
-def _locas_model(model, memory: Memory | None):
+def _locas_model(model, memory: Memory | None, **options):
     from locas.model import LocasModel
 
-    locas_model = LocasModel(model)
+    locas_model = LocasModel(model, **options)
     if memory is not None:
         locas_model.attach_memory(memory)
     return locas_model
@@ -212,7 +219,7 @@ def command_memorize(args) -> None:
             f"{grpo.continuation_tokens}); lower them or use a longer text"
         )
     input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
-    locas_model = _locas_model(model, None)
+    locas_model = _locas_model(model, None, tau_rule=args.tau_rule, output_ratio=args.output_ratio or 0.1)
     memory = locas_model.memorize(
         input_ids.to(locas_model.device),
         attention_mask=attention_mask.to(locas_model.device),
@@ -338,9 +345,20 @@ def _online_config(args) -> OnlineConfig:
     """The trainer's settings from the options named after `OnlineConfig`'s fields (see `_trainer_options`)."""
     from locas.training.online import OnlineConfig
 
-    return OnlineConfig(
+    config = OnlineConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
     )
+    _check_output_ratio(args, dataclasses.replace(config, method="locas").resolved().tau_rule)
+    return config
+
+
+def _check_output_ratio(args, tau_rule: str) -> None:
+    """Refuse an --output-ratio that the tau rule in force would ignore."""
+    if getattr(args, "output_ratio", None) is not None and tau_rule != "output":
+        raise CommandError(
+            f"--output-ratio sets the scale of --tau-rule output, but the tau rule here is {tau_rule!r}: "
+            "add --tau-rule output or drop --output-ratio"
+        )
 
 
 def command_eval_pg19(args) -> None:
@@ -547,6 +565,7 @@ def command_eval_forgetting(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from locas.memorize import MEMORY_INITS
+    from locas.model import TAU_RULES
     from locas.training.online import GRPO_LOSSES
 
     parser = argparse.ArgumentParser(prog="locas", description=__doc__)
@@ -571,6 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
     memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
     memorize.add_argument("--width", type=positive_int, default=64, help="memory slots per layer")
     memorize.add_argument("--init", default="highest", choices=MEMORY_INITS)
+    memorize.add_argument(
+        "--tau-rule",
+        default="paper",
+        choices=TAU_RULES,
+        help="output scale of the slots: paper (mean backbone output norm / width), neuron (mean norm per slot) or "
+        "output (--output-ratio x each layer's MLP output, measured on the text) (default: %(default)s)",
+    )
+    memorize.add_argument(
+        "--output-ratio",
+        type=positive_float,
+        help="--tau-rule output: the memory's full output as a fraction of each layer's median MLP output "
+        "(default: 0.1)",
+    )
     memorize.add_argument(
         "--train-steps",
         type=non_negative_int,
@@ -642,7 +674,8 @@ def _trainer_options() -> argparse.ArgumentParser:
         default="default",
         choices=PRESETS,
         help="each method's hyperparameters for the options not given: paper (the paper's Locas, TempLoRA's "
-        "published defaults) or default (each method's best point of the PG-19 sweep on development books)",
+        "published defaults) or default (from the PG-19 sweep on development books: TempLoRA's best point, Locas's "
+        "best on both embedded models: the paper's settings with --tau-rule output)",
     )
     options.add_argument(
         "--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time"
@@ -659,8 +692,21 @@ def _trainer_options() -> argparse.ArgumentParser:
     options.add_argument(
         "--tau-rule",
         choices=TAU_RULES,
-        help="locas: output scale of a new memory's slots: paper (mean backbone output norm / width) or neuron "
-        f"(mean norm per slot); {_preset_default('tau_rule')}",
+        help="locas: output scale of a new memory's slots: paper (mean backbone output norm / width), neuron "
+        "(mean norm per slot) or output (--output-ratio x the layer's MLP output, measured on the memorized text); "
+        f"{_preset_default('tau_rule')}",
+    )
+    options.add_argument(
+        "--output-ratio",
+        type=positive_float,
+        help="locas, --tau-rule output: the memory's full output as a fraction of each layer's median MLP output; "
+        f"{_preset_default('output_ratio')}",
+    )
+    options.add_argument(
+        "--top-layers",
+        type=positive_fraction,
+        help="locas: the fraction of the decoder layers, from the top, that run the memory (the backward pass "
+        f"stops below them); {_preset_default('top_layers')}",
     )
     options.add_argument("--memorize-at", type=non_negative_int, default=0, help="locas: chunk memorized from")
     options.add_argument("--grow-by", type=non_negative_int, default=0, help="locas: slots added per later chunk")

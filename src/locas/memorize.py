@@ -84,19 +84,105 @@ def neuron_scores(
     return sums / mask.sum(dim=1).clamp_min(1).unsqueeze(-1)
 
 
-def random_memory(model: LocasModel, width: int, batch_size: int = 1, seed: int = 0) -> Memory:
-    """Gaussian unit-norm keys (and gates), zero values: no cloning."""
+def _random_keys(model: LocasModel, width: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     generator = torch.Generator().manual_seed(seed)
     shape = (model.num_layers, batch_size, width, model.model.config.hidden_size)
     up = _normalize(torch.randn(shape, generator=generator))
     gate = _normalize(torch.randn(shape, generator=generator)) if model.family.gated else None
+    return up, gate
+
+
+def random_memory(model: LocasModel, width: int, batch_size: int = 1, seed: int = 0) -> Memory:
+    """Gaussian unit-norm keys (and gates), zero values: no cloning. (The `output` tau rule needs a text:
+    `memorize(..., memory_init="random")`.)"""
+    up, gate = _random_keys(model, width, batch_size, seed)
     return Memory(
         up=up,
         gate=gate,
-        down=torch.zeros(shape),
+        down=torch.zeros_like(up),
         tau=model.default_tau(width),
         metadata=model.new_metadata("random", 0),
     )
+
+
+def measured_tau(
+    model: LocasModel,
+    memory: Memory,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prefix_length: int = 0,
+) -> torch.Tensor:
+    """tau under the `output` rule for `memory`'s keys, shape (layers, batch, width): per layer and memory,
+    `model.output_ratio * median_t ||mlp(x_t)|| / median_t sum_j |act_j(x_t)|`, so that the memory with every value
+    vector at unit norm and aligned adds `output_ratio` times the layer's typical MLP output. Medians over the
+    tokens that count (as in `neuron_scores`; a batch-1 memory pools every row), on the bare backbone (one
+    forward pass, no grad). The same value for every slot of a layer; on the device of `memory`'s tensors. Slots
+    grown later (`Memory.concat`) are measured on their own, so each group of slots gets this budget."""
+    if memory.batch_size not in (1, input_ids.shape[0]):
+        raise ValueError(
+            f"a memory with batch {memory.batch_size} cannot be measured on {input_ids.shape[0]} sequences; "
+            "use a memory of batch 1 or one memory per sequence"
+        )
+    device = model.device
+    mask = _token_mask(input_ids, attention_mask, prefix_length).to(device).bool()
+    rows = torch.arange(mask.shape[0], device=device).unsqueeze(1)
+    groups = [mask] if memory.batch_size == 1 else [mask & (rows == b) for b in range(memory.batch_size)]
+    if empty := [b for b, group in enumerate(groups) if not group.any()]:
+        raise ValueError(f"sequence {empty[0]} has no token (after padding and prefix) to measure tau on")
+    keys = Memory(  # on the model's device, leaving the caller's memory where it is
+        up=memory.up.detach().to(device),
+        gate=None if memory.gate is None else memory.gate.detach().to(device),
+        down=memory.down.detach().to(device),
+        tau=memory.tau.to(device),
+    )
+    mlps = model.family.mlps(model.model)
+    norms: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(mlps)  # per layer: ||mlp(x)||, sum_j |act_j(x)|
+
+    def make_hook(layer: int, activation):
+        def hook(module, args, output):
+            x = args[0]
+            serving = None if keys.batch_size == 1 else torch.arange(x.shape[0], device=x.device)
+            activations = keys.slot_activations(layer, x, activation, serving)
+            norms[layer] = (output.float().norm(dim=-1), activations.float().abs().sum(dim=-1))
+
+        return hook
+
+    handles = [mlp.register_forward_hook(make_hook(i, model.family.activation(mlp))) for i, mlp in enumerate(mlps)]
+    try:
+        with torch.no_grad(), model.using(None):
+            model.model.base_model(
+                input_ids=input_ids.to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+                use_cache=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    tau = torch.tensor(
+        [
+            [(output[group].median() / summed[group].median().clamp_min(1e-12)).item() for group in groups]
+            for output, summed in norms
+        ]
+    )  # (layers, batch)
+    return (model.output_ratio * tau).unsqueeze(-1).expand(-1, -1, memory.width).to(memory.up.device).contiguous()
+
+
+def _finish(
+    model: LocasModel, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix_length: int
+) -> Memory:
+    """`memory` (made with a placeholder tau under the `output` rule) with its tau measured on the text, and no
+    values in the layers the model does not run it in (`LocasModel.memory_layers`)."""
+    if model.tau_rule == "output":
+        memory.tau = measured_tau(model, memory, input_ids, attention_mask, prefix_length)
+    unused = [layer for layer in range(memory.num_layers) if layer not in model.memory_layers]
+    with torch.no_grad():
+        memory.down[unused] = 0
+    return memory
+
+
+def _initial_tau(model: LocasModel, width: int) -> torch.Tensor:
+    """The rule's tau; under `output` ones, until `_finish` measures it."""
+    return torch.ones(model.num_layers, width) if model.tau_rule == "output" else model.default_tau(width)
 
 
 def select_neurons(scores: torch.Tensor, width: int, memory_init: str, seed: int = 0) -> torch.Tensor:
@@ -149,17 +235,41 @@ def memorize(
     tokens = int(_token_mask(input_ids, attention_mask, prefix_length).sum())
     batch_size = input_ids.shape[0] if per_sequence else 1
     if memory_init == "random":
-        memory = random_memory(model, keep_top, batch_size=batch_size, seed=seed)
-        memory.metadata["tokens_memorized"] = tokens
-        return memory
-    if memory_init == "gradient":
-        return _gradient_memory(model, input_ids, attention_mask, keep_top, per_sequence, gradient_scale)
+        up, gate = _random_keys(model, keep_top, batch_size, seed)
+    elif memory_init == "gradient":
+        memory = _gradient_memory(model, input_ids, attention_mask, keep_top, per_sequence, gradient_scale)
+        return _finish(model, memory, input_ids, attention_mask, prefix_length)
+    else:
+        up, gate = _cloned_keys(
+            model, input_ids, attention_mask, keep_top, memory_init, per_sequence, seed, prefix_length
+        )
+    memory = Memory(
+        up=up,
+        gate=gate,
+        down=torch.zeros_like(up),
+        tau=_initial_tau(model, keep_top),
+        metadata=model.new_metadata(memory_init, tokens),
+    )
+    return _finish(model, memory, input_ids, attention_mask, prefix_length)
+
+
+def _cloned_keys(
+    model: LocasModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    width: int,
+    memory_init: str,
+    per_sequence: bool,
+    seed: int,
+    prefix_length: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unit-norm key (and gate) rows of the neurons `memory_init` picks, (layers, batch, width, hidden)."""
 
     scores = neuron_scores(model, input_ids, attention_mask, prefix_length)
     if not per_sequence:  # one memory from every token: weight each sequence by its token count
         counts = _token_mask(input_ids, attention_mask, prefix_length).sum(dim=1).to(scores.device)
         scores = (scores * counts.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.sum().clamp_min(1)
-    chosen = select_neurons(scores.cpu(), keep_top, memory_init, seed)
+    chosen = select_neurons(scores.cpu(), width, memory_init, seed)
 
     ups, gates = [], []
     for layer, mlp in enumerate(model.family.mlps(model.model)):
@@ -167,14 +277,7 @@ def memorize(
         ups.append(_normalize(weights.up.detach().float().cpu()[chosen[layer]]))
         if weights.gate is not None:
             gates.append(_normalize(weights.gate.detach().float().cpu()[chosen[layer]]))
-    up = torch.stack(ups)
-    return Memory(
-        up=up,
-        gate=torch.stack(gates) if gates else None,
-        down=torch.zeros_like(up),
-        tau=model.default_tau(keep_top),
-        metadata=model.new_metadata(memory_init, tokens),
-    )
+    return torch.stack(ups), torch.stack(gates) if gates else None
 
 
 def _gradient_memory(
@@ -238,6 +341,6 @@ def _gradient_memory(
     return Memory(
         up=_normalize(chosen_keys).cpu(),
         down=(scale * chosen_gradients / joint_norm).cpu(),
-        tau=model.default_tau(width),
+        tau=_initial_tau(model, width),
         metadata=model.new_metadata("gradient", int(_token_mask(input_ids, attention_mask).sum())),
     )

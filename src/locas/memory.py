@@ -5,12 +5,12 @@ Tensors, all float32 (the master copy, whatever the backbone's dtype):
     up    (layers, batch, width, hidden)   keys (the up projection rows)
     gate  (layers, batch, width, hidden)   gate rows (gated families only)
     down  (layers, batch, width, hidden)   values, one output vector per slot
-    tau   (layers, width)                  output scale per slot, shared by the batch
+    tau   (layers, batch, width)           output scale per slot (not trained)
 
-Layer l adds `sum_j tau[l, j] * act_j(x) * down[l, b, j]` to the MLP output of sequence b, where
+Layer l adds `sum_j tau[l, b, j] * act_j(x) * down[l, b, j]` to the MLP output of sequence b, where
 `act_j(x) = act(gate_j . x) * (up_j . x)` (gated) or `act(up_j . x)` (2-layer MLP). Keeping tau per
-slot makes concatenating two memories exactly the sum of their outputs. A memory with batch 1 serves
-any batch size.
+slot makes concatenating two memories exactly the sum of their outputs, and per sequence lets each
+memory of a batch keep the scale measured on its own text. A memory with batch 1 serves any batch size.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tau (layers, batch, width); version 1 files (tau (layers, width)) still load
+READABLE_VERSIONS = (1, 2)
 SLOT_TENSORS = ("up", "gate", "down")
 
 
@@ -35,7 +36,11 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Memory(nn.Module):
-    """Trainable slot tensors plus the metadata needed to check them against a base model."""
+    """Trainable slot tensors plus the metadata needed to check them against a base model.
+
+    `tau` has shape (layers, batch, width), or (layers, 1, width) or (layers, width) for one scale shared by the
+    whole batch.
+    """
 
     def __init__(
         self,
@@ -51,14 +56,20 @@ class Memory(nn.Module):
                 "memory tensors must all have shape (layers, batch, width, hidden); got "
                 f"up {tuple(up.shape)}, down {tuple(down.shape)}, gate {None if gate is None else tuple(gate.shape)}"
             )
-        if tau.shape != (up.shape[0], up.shape[2]):
+        layers, batch, width, _ = up.shape
+        if tau.shape == (layers, width):
+            tau = tau.unsqueeze(1)
+        if tau.shape == (layers, 1, width):  # one scale shared by the batch
+            tau = tau.expand(layers, batch, width)
+        if tau.shape != (layers, batch, width):
             raise ValueError(
-                f"tau must have shape (layers, width) = {(up.shape[0], up.shape[2])}, got {tuple(tau.shape)}"
+                f"tau must have shape (layers, batch, width) = {(layers, batch, width)}, (layers, 1, width) or "
+                f"(layers, width), got {tuple(tau.shape)}"
             )
         self.up = nn.Parameter(up.float())
         self.register_parameter("gate", None if gate is None else nn.Parameter(gate.float()))
         self.down = nn.Parameter(down.float())
-        self.register_buffer("tau", tau.float())
+        self.register_buffer("tau", tau.float().contiguous())
         self.metadata = dict(metadata or {})
 
     # --- shape -------------------------------------------------------------------------------
@@ -91,6 +102,36 @@ class Memory(nn.Module):
 
     # --- the computation ---------------------------------------------------------------------
 
+    def _layer_tensors(self, layer: int, batch: int, rows: torch.Tensor | None) -> tuple:
+        """(up, gate, down, tau) of layer `layer` for a batch of `batch` sequences (`rows`: see layer_output)."""
+        tensors = (None if t is None else t[layer] for t in (self.up, self.gate, self.down, self.tau))
+        if rows is not None:  # indexing keeps the graph: gradients reach only the picked memories
+            tensors = (None if t is None else t[rows] for t in tensors)
+        up, gate, down, tau = tensors
+        if up.shape[0] not in (1, batch):
+            serving = (
+                f"{up.shape[0]} memories picked by rows" if rows is not None else f"a memory with batch {up.shape[0]}"
+            )
+            raise ValueError(
+                f"{serving} cannot serve a batch of {batch} sequences; "
+                "use a memory of batch 1 or one memory per sequence"
+            )
+        return up, gate, down, tau
+
+    @staticmethod
+    def _activations(x: torch.Tensor, up: torch.Tensor, gate: torch.Tensor | None, activation: nn.Module):
+        hidden = _project(x, up.to(x.dtype))
+        if gate is not None:
+            return activation(_project(x, gate.to(x.dtype))) * hidden
+        return activation(hidden)
+
+    def slot_activations(
+        self, layer: int, x: torch.Tensor, activation: nn.Module, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`act_j(x)` of every slot of layer `layer` for input `x` (batch, seq, hidden): (batch, seq, width)."""
+        up, gate, _, _ = self._layer_tensors(layer, x.shape[0], rows)
+        return self._activations(x, up, gate, activation)
+
     def layer_output(
         self, layer: int, x: torch.Tensor, activation: nn.Module, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -98,25 +139,10 @@ class Memory(nn.Module):
 
         `rows` picks which of the batch's memories serve the sequences of `x` (default: all, in order).
         """
-        up, gate, down = (None if t is None else t[layer] for t in (self.up, self.gate, self.down))
-        if rows is not None:  # indexing keeps the graph: gradients reach only the picked memories
-            up, gate, down = (None if t is None else t[rows] for t in (up, gate, down))
-        if up.shape[0] not in (1, x.shape[0]):
-            serving = (
-                f"{up.shape[0]} memories picked by rows" if rows is not None else f"a memory with batch {up.shape[0]}"
-            )
-            raise ValueError(
-                f"{serving} cannot serve a batch of {x.shape[0]} sequences; "
-                "use a memory of batch 1 or one memory per sequence"
-            )
-        dtype = x.dtype
-        hidden = _project(x, up.to(dtype))
-        if gate is not None:
-            hidden = activation(_project(x, gate.to(dtype))) * hidden
-        else:
-            hidden = activation(hidden)
-        values = down * self.tau[layer].unsqueeze(-1)  # (batch, width, hidden)
-        return _project(hidden, values.transpose(-1, -2).to(dtype))
+        up, gate, down, tau = self._layer_tensors(layer, x.shape[0], rows)
+        hidden = self._activations(x, up, gate, activation)
+        values = down * tau.unsqueeze(-1)  # (batch, width, hidden)
+        return _project(hidden, values.transpose(-1, -2).to(x.dtype))
 
     @torch.no_grad()
     def clip_(self, max_norm: float = 1.0) -> Memory:
@@ -132,41 +158,47 @@ class Memory(nn.Module):
         """The memory of one sequence of the batch, as a batch-1 memory."""
         if not -self.batch_size <= index < self.batch_size:
             raise IndexError(f"memory index {index} out of range for a batch of {self.batch_size}")
+        index %= self.batch_size
         tensors = {name: t.detach()[:, index : index + 1].clone() for name, t in self.slot_tensors().items()}
-        return self._new(**tensors, tau=self.tau.clone())
+        return self._new(**tensors, tau=self.tau[:, index : index + 1].clone())
 
     def zeros_like(self) -> Memory:
         """A memory of the same shape, tau and metadata with all-zero slots (it adds nothing)."""
         return self._new(
-            **{name: torch.zeros_like(t.detach()) for name, t in self.slot_tensors().items()}, tau=self.tau
+            **{name: torch.zeros_like(t.detach()) for name, t in self.slot_tensors().items()}, tau=self.tau.clone()
         )
 
     @classmethod
     def stack(cls, memories: list[Memory]) -> Memory:
-        """One memory whose batch holds `memories` in order (same layers, width, tau and base model)."""
+        """One memory whose batch holds `memories` in order (same layers, width and base model), each with its tau."""
         first = memories[0]
         for other in memories[1:]:
             first._check_compatible(other, batch=False)
-            if other.width != first.width or not torch.equal(other.tau, first.tau):
-                raise ValueError("only memories of the same width and tau can be stacked into one batch")
+            if other.width != first.width:
+                raise ValueError("only memories of the same width can be stacked into one batch")
         tensors = {
             name: torch.cat([m.slot_tensors()[name].detach() for m in memories], dim=1) for name in first.slot_tensors()
         }
-        return first._new(**tensors, tau=first.tau.clone())
+        return first._new(**tensors, tau=torch.cat([m.tau for m in memories], dim=1))
 
     def concat(self, other: Memory) -> Memory:
         """A memory of width `self.width + other.width` whose output is exactly the sum of both outputs."""
         self._check_compatible(other)
-        tensors = {
-            name: torch.cat([t.detach(), other.slot_tensors()[name].detach()], dim=2)
+        tensors = {  # on this memory's device (e.g. slots grown on the CPU for a memory on the GPU)
+            name: torch.cat([t.detach(), other.slot_tensors()[name].detach().to(t.device)], dim=2)
             for name, t in self.slot_tensors().items()
         }
-        tokens = self.metadata.get("tokens_memorized", 0) + other.metadata.get("tokens_memorized", 0)
-        inits = [m.metadata.get("init") for m in (self, other)]
+        update = {
+            "tokens_memorized": self.metadata.get("tokens_memorized", 0) + other.metadata.get("tokens_memorized", 0)
+        }
+        for key in ("init", "tau_rule"):  # e.g. "highest+random" for the slots of two inits
+            values = [m.metadata.get(key) for m in (self, other)]
+            if values != [None, None]:
+                update[key] = values[0] if values[0] == values[1] else "+".join(map(str, values))
         return self._new(
-            {"tokens_memorized": tokens, "init": inits[0] if inits[0] == inits[1] else "+".join(map(str, inits))},
+            update,
             **tensors,
-            tau=torch.cat([self.tau, other.tau], dim=1),
+            tau=torch.cat([self.tau, other.tau.to(self.tau.device)], dim=2),
         )
 
     def remove_slots(self, slots: list[int] | torch.Tensor) -> Memory:
@@ -179,7 +211,7 @@ class Memory(nn.Module):
         if not keep.any():
             raise ValueError("removing every slot would leave an empty memory")
         tensors = {name: t.detach()[:, :, keep].clone() for name, t in self.slot_tensors().items()}
-        return self._new(**tensors, tau=self.tau[:, keep].clone())
+        return self._new(**tensors, tau=self.tau[:, :, keep].clone())
 
     def _check_compatible(self, other: Memory, batch: bool = True) -> None:
         def shape(memory: Memory) -> tuple:
@@ -229,8 +261,13 @@ class Memory(nn.Module):
             raise ValueError(f"{str(path)!r} is a safetensors file but not a locas memory (no 'locas' metadata)")
         metadata = json.loads(header["locas"])
         version = metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} has memory format version {version}; this locas reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise ValueError(
+                f"{str(path)!r} has memory format version {version}; this locas reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+                + (": update locas to read it" if newer else ": the file is not a valid locas memory")
+            )
         missing = [name for name in ("up", "down", "tau") if name not in tensors]
         if missing or metadata.get("gated") != ("gate" in tensors):
             raise ValueError(f"{str(path)!r} is an incomplete locas memory (missing tensors: {missing or ['gate']})")

@@ -55,7 +55,9 @@ def to_dense(model: LocasModel, memory: Memory, index: int | None = None) -> Pre
     for layer, mlp in enumerate(family.mlps(dense)):
         weights = family.read(mlp)
         dtype = weights.up.dtype
-        values = (memory.down[layer, 0] * memory.tau[layer].unsqueeze(-1)).detach().float()  # (width, hidden)
+        values = (memory.down[layer, 0] * memory.tau[layer, 0].unsqueeze(-1)).detach().float()  # (width, hidden)
+        if layer not in model.memory_layers:  # the memory model ignores these slots: so does the merge
+            values = torch.zeros_like(values)
         widened = MLPWeights(
             up=_widen(weights.up, memory.up[layer, 0].detach().float(), width),
             gate=_widen(weights.gate, None if memory.gate is None else memory.gate[layer, 0].detach().float(), width),

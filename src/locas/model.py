@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,29 +115,51 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
             )
 
 
-# How a new memory's output scale tau is set, per (layer, slot), from the layer's mean backbone output-vector
-# norm. Slots are clipped to unit norm, so under `paper` a memory of any width adds at most about one
-# neuron's output (its capacity does not grow with the width); under `neuron` each slot is as strong as an
-# average backbone neuron, like the neurons a dense merge appends. Either way tau folds into the merged
-# weights, so `to_dense` stays exact.
+# How a new memory's output scale tau is set, per (layer, slot). `paper` and `neuron` read the layer's mean
+# backbone output-vector norm: under `paper` a memory of any width adds at most about one neuron's output
+# vector, under `neuron` each slot is as strong as an average backbone neuron. Neither looks at how strongly the
+# unit-norm keys fire on the model's own hidden states, which differs by model: on the embedded SmolLM2-135M
+# (MLP inputs of norm ~3) `paper` lets the whole memory move an MLP output by ~0.2%, on Gemma-3-270M (inputs of
+# norm ~15) by ~7%. `output` measures it on the text memorised: per layer, tau is set so that the memory with
+# every value vector at full (unit) norm and aligned adds `output_ratio` times the layer's median MLP output
+# norm (`memorize.measured_tau`). Every rule folds into the merged weights, so `to_dense` stays exact.
 TAU_RULES = {
     "paper": "mean backbone output-vector norm / width",
     "neuron": "mean backbone output-vector norm",
+    "output": "output_ratio x the layer's median MLP output norm / the memory's summed slot activations, "
+    "measured on the memorized text",
 }
 
 
 class LocasModel(nn.Module):
     """A frozen causal LM plus an optional Memory added to every layer's MLP output.
 
-    `tau_rule` (see `TAU_RULES`) sets the output scale of the memories made for it (memorize, attach).
+    `tau_rule` (see `TAU_RULES`) sets the output scale of the memories made for it (memorize, attach);
+    `output_ratio` is the `output` rule's bound on the memory's output relative to the MLP's. `memory_layers`
+    (default: all) are the decoder layers whose MLP runs the memory: the others ignore their slots, so a training
+    backward pass stops at the lowest of them (`to_dense` merges the same layers only).
     """
 
-    def __init__(self, model: PreTrainedModel, memory: Memory | None = None, tau_rule: str = "paper") -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        memory: Memory | None = None,
+        tau_rule: str = "paper",
+        output_ratio: float = 0.1,
+        memory_layers: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if tau_rule not in TAU_RULES:
             raise ValueError(f"unknown tau rule {tau_rule!r}; choose one of {', '.join(TAU_RULES)}")
+        if not (output_ratio > 0 and math.isfinite(output_ratio)):
+            raise ValueError(f"output_ratio must be a positive number, got {output_ratio}")
         self.tau_rule = tau_rule
+        self.output_ratio = output_ratio
         self.family: MLPFamily = family_of(model)
+        layers = len(self.family.mlps(model))
+        self.memory_layers = list(range(layers)) if memory_layers is None else sorted(set(memory_layers))
+        if not self.memory_layers or not all(0 <= layer < layers for layer in self.memory_layers):
+            raise ValueError(f"memory_layers must be some of the model's layers 0..{layers - 1}, got {memory_layers}")
         self.model = model
         self.model.requires_grad_(False)
         self.memory = memory
@@ -147,7 +170,9 @@ class LocasModel(nn.Module):
     # --- hooks -------------------------------------------------------------------------------
 
     def _install_hooks(self) -> None:
-        for layer, mlp in enumerate(self.family.mlps(self.model)):
+        mlps = self.family.mlps(self.model)
+        for layer in self.memory_layers:
+            mlp = mlps[layer]
             activation = self.family.activation(mlp)
 
             def hook(module, args, kwargs, output, layer=layer, activation=activation):
@@ -233,6 +258,7 @@ class LocasModel(nn.Module):
     # --- memories ----------------------------------------------------------------------------
 
     def new_metadata(self, init: str, tokens_memorized: int) -> dict:
+        rule = {"tau_rule": self.tau_rule} | ({"output_ratio": self.output_ratio} if self.tau_rule == "output" else {})
         return {
             "base_model": getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__,
             "fingerprint": base_fingerprint(self.model),
@@ -241,12 +267,19 @@ class LocasModel(nn.Module):
             "hidden_size": self.model.config.hidden_size,
             "init": init,
             "tokens_memorized": tokens_memorized,
-            "tau_rule": self.tau_rule,
+            **rule,
             "output_scales": [round(v, 6) for v in output_scales(self.model).tolist()],
         }
 
     def default_tau(self, width: int) -> torch.Tensor:
-        """tau per (layer, slot) under this model's `tau_rule`, shape (layers, width)."""
+        """tau per (layer, slot) under this model's `tau_rule`, shape (layers, width); the `output` rule measures
+        it on a text instead (`memorize`)."""
+        if self.tau_rule == "output":
+            raise ValueError(
+                "tau_rule 'output' measures each layer's MLP output on a text: make the memory with "
+                "LocasModel(model, tau_rule='output').memorize(input_ids, keep_top=..., memory_init=...) "
+                "(memory_init='random' for random keys), or use tau_rule 'paper' or 'neuron'"
+            )
         scales = output_scales(self.model) / (width if self.tau_rule == "paper" else 1)
         return scales.unsqueeze(1).expand(-1, width).clone()
 
@@ -270,14 +303,20 @@ class LocasModel(nn.Module):
 
 
 def attach(
-    model: PreTrainedModel, width: int = 64, memory: Memory | None = None, seed: int = 0, tau_rule: str = "paper"
+    model: PreTrainedModel,
+    width: int = 64,
+    memory: Memory | None = None,
+    seed: int = 0,
+    tau_rule: str = "paper",
+    output_ratio: float = 0.1,
 ) -> LocasModel:
     """Freeze `model` and add a memory to every decoder layer.
 
     Without `memory`, a fresh one of `width` slots is attached: random unit-norm keys and zero values,
-    so the model's outputs are exactly the backbone's until the memory is trained or memorized.
+    so the model's outputs are exactly the backbone's until the memory is trained or memorized. (The `output`
+    tau rule measures a text, so it needs `LocasModel(model, tau_rule="output").memorize(...)` instead.)
     """
-    locas_model = LocasModel(model, tau_rule=tau_rule)
+    locas_model = LocasModel(model, tau_rule=tau_rule, output_ratio=output_ratio)
     if memory is None:
         from locas.memorize import random_memory
 
