@@ -154,8 +154,10 @@ def test_points_per_method_paper_first_then_the_grid_in_order(monkeypatch) -> No
     combinations = sweep.grid_combinations(sweep.LOCAS_GRID)  # sub-grid after sub-grid, the last knob fastest
     ratios = sweep.LOCAS_GRID[0]["output_ratio"]
     assert combinations[: len(ratios)] == [{"tau_rule": "output", "output_ratio": ratio} for ratio in ratios]
-    lr = sweep.LOCAS_GRID[1]["lr"][0]
-    following = combinations[len(ratios) : len(ratios) + 2]
+    neuron = next(i for i, sub_grid in enumerate(sweep.LOCAS_GRID) if "steps_per_chunk" in sub_grid)
+    offset = sum(math.prod(map(len, sub_grid.values())) for sub_grid in sweep.LOCAS_GRID[:neuron])
+    lr = sweep.LOCAS_GRID[neuron]["lr"][0]
+    following = combinations[offset : offset + 2]
     assert following == [{"tau_rule": "neuron", "lr": lr, "steps_per_chunk": steps} for steps in (1, 2)]
     grid = [p.config for p in whole if p.kind == "grid"]
     ran = [{name: getattr(config, name) for name in values} for config, values in zip(grid, combinations, strict=True)]
