@@ -221,6 +221,19 @@ def test_output_rule_sets_tau_from_the_mlp_output_measured_on_the_text(family_na
     assert (wider.tau[:, 0, 0] < memory.tau[:, 0, 0]).all()
 
 
+@pytest.mark.parametrize("tau_rule", ["output", "paper"])
+def test_memorize_runs_the_backbone_once(tau_rule, tokens):
+    model = tiny_model("llama")
+    locas_model = locas.LocasModel(model, tau_rule=tau_rule)
+    forwards = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        locas_model.memorize(tokens, keep_top=4)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1  # the neuron scores and the measured tau come from the same pass
+
+
 def test_output_rule_gives_each_sequence_its_own_tau(tokens):
     locas_model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
     texts = torch.stack([tokens[0], torch.randint(0, 128, tokens[0].shape, generator=torch.Generator().manual_seed(5))])

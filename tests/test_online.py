@@ -156,6 +156,29 @@ def test_losses_against_hand_computed_values():
         sd(LossInputs(student, targets))
 
 
+def test_each_rows_loss_is_the_mean_over_its_own_targets_and_the_nll_is_computed_once():
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 7, requires_grad=True)
+    teacher = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])  # row 1: a shorter document, padded
+    batch = LossInputs(student, targets, teacher=lambda: teacher, mask=mask)
+    for loss in (ntp, sd, mix):
+        alone = [
+            loss(
+                LossInputs(
+                    student[i : i + 1, :n], targets[i : i + 1, :n], teacher=lambda i=i, n=n: teacher[i : i + 1, :n]
+                )
+            )
+            for i, n in enumerate((5, 3))
+        ]
+        assert torch.allclose(loss(batch), torch.cat(alone), atol=1e-6)
+    assert batch.token_nll() is batch.token_nll()  # the trainer's score reads the loss's own NLL
+    assert batch.row_sum(batch.token_nll())[1].item() == pytest.approx(
+        F.cross_entropy(student[1, :3], targets[1, :3], reduction="sum").item(), rel=1e-6
+    )
+
+
 def test_memory_grows_by_fresh_slots_up_to_max_width():
     widths = []
     config = OnlineConfig(method="locas", grow_by=4, max_width=20, lr=1e-2, **SMALL)

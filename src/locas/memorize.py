@@ -9,6 +9,7 @@ zero, so the model is unchanged until trained.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,6 +69,65 @@ def _capture_inputs(modules: list[torch.nn.Module]):
             handle.remove()
 
 
+@dataclass
+class BackbonePass:
+    """What memorize reads from one no-grad forward of the bare backbone, per layer: the mean |intermediate
+    activation| of each neuron over the tokens that count, (layers, batch, mlp_width) float32; and, when asked
+    for (`keep_inputs`), each layer's MLP inputs and the norms of its MLP outputs, for `measured_tau`."""
+
+    neuron_scores: torch.Tensor
+    mlp_inputs: list[torch.Tensor] | None = None  # per layer (batch, seq, hidden)
+    mlp_output_norms: list[torch.Tensor] | None = None  # per layer (batch, seq), float32
+
+
+def backbone_pass(
+    model: LocasModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prefix_length: int = 0,
+    keep_inputs: bool = False,
+) -> BackbonePass:
+    """Run the bare backbone once on `input_ids` (no grad) and record a `BackbonePass`. The tokens that count
+    are each sequence's non-padding tokens after its first `prefix_length` (seen by the backbone, not scored)."""
+    mask = _token_mask(input_ids, attention_mask, prefix_length).to(model.device)
+    mlps = model.family.mlps(model.model)
+    sums: list[torch.Tensor] = [None] * len(mlps)
+    inputs: list[torch.Tensor] = [None] * len(mlps)
+    output_norms: list[torch.Tensor] = [None] * len(mlps)
+
+    def record_activations(layer: int):
+        def hook(module, args):
+            sums[layer] = (args[0].float().abs() * mask.unsqueeze(-1)).sum(dim=1)
+
+        return hook
+
+    def record_mlp(layer: int):
+        def hook(module, args, output):
+            inputs[layer], output_norms[layer] = args[0], output.float().norm(dim=-1)
+
+        return hook
+
+    handles = [
+        model.family.down_module(mlp).register_forward_pre_hook(record_activations(i)) for i, mlp in enumerate(mlps)
+    ]
+    if keep_inputs:
+        handles += [mlp.register_forward_hook(record_mlp(i)) for i, mlp in enumerate(mlps)]
+    try:
+        with torch.no_grad(), model.using(None):
+            model.model.base_model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+                use_cache=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = torch.stack(sums) / mask.sum(dim=1).clamp_min(1).unsqueeze(-1)
+    if not keep_inputs:
+        return BackbonePass(scores)
+    return BackbonePass(scores, inputs, output_norms)
+
+
 def neuron_scores(
     model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, prefix_length: int = 0
 ) -> torch.Tensor:
@@ -76,12 +136,7 @@ def neuron_scores(
 
     Runs the bare backbone once, without grad. Shape (layers, batch, mlp_width), float32.
     """
-    mask = _token_mask(input_ids, attention_mask, prefix_length).to(model.device)
-    mlps = model.family.mlps(model.model)
-    with torch.no_grad(), model.using(None), _capture_inputs([model.family.down_module(m) for m in mlps]) as acts:
-        model.model.base_model(input_ids=input_ids.to(model.device), attention_mask=attention_mask, use_cache=False)
-        sums = torch.stack([(a.float().abs() * mask.unsqueeze(-1)).sum(dim=1) for a in acts])
-    return sums / mask.sum(dim=1).clamp_min(1).unsqueeze(-1)
+    return backbone_pass(model, input_ids, attention_mask, prefix_length).neuron_scores
 
 
 def _random_keys(model: LocasModel, width: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,13 +166,15 @@ def measured_tau(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     prefix_length: int = 0,
+    recorded: BackbonePass | None = None,
 ) -> torch.Tensor:
     """tau under the `output` rule for `memory`'s keys, shape (layers, batch, width): per layer and memory,
     `model.output_ratio * median_t ||mlp(x_t)|| / median_t sum_j |act_j(x_t)|`, so that the memory with every value
     vector at unit norm and aligned adds `output_ratio` times the layer's typical MLP output. Medians over the
     tokens that count (as in `neuron_scores`; a batch-1 memory pools every row), on the bare backbone (one
     forward pass, no grad). The same value for every slot of a layer; on the device of `memory`'s tensors. Slots
-    grown later (`Memory.concat`) are measured on their own, so each group of slots gets this budget."""
+    grown later (`Memory.concat`) are measured on their own, so each group of slots gets this budget. `recorded`:
+    a `backbone_pass` of the same text with its MLP inputs kept, read instead of running one."""
     if memory.batch_size not in (1, input_ids.shape[0]):
         raise ValueError(
             f"a memory with batch {memory.batch_size} cannot be measured on {input_ids.shape[0]} sequences; "
@@ -135,29 +192,14 @@ def measured_tau(
         down=memory.down.detach().to(device),
         tau=memory.tau.to(device),
     )
-    mlps = model.family.mlps(model.model)
-    norms: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(mlps)  # per layer: ||mlp(x)||, sum_j |act_j(x)|
-
-    def make_hook(layer: int, activation):
-        def hook(module, args, output):
-            x = args[0]
+    if recorded is None or recorded.mlp_inputs is None:
+        recorded = backbone_pass(model, input_ids, attention_mask, prefix_length, keep_inputs=True)
+    norms = []  # per layer: ||mlp(x)||, sum_j |act_j(x)|
+    with torch.no_grad():
+        for layer, (mlp, x) in enumerate(zip(model.family.mlps(model.model), recorded.mlp_inputs, strict=True)):
             serving = None if keys.batch_size == 1 else torch.arange(x.shape[0], device=x.device)
-            activations = keys.slot_activations(layer, x, activation, serving)
-            norms[layer] = (output.float().norm(dim=-1), activations.float().abs().sum(dim=-1))
-
-        return hook
-
-    handles = [mlp.register_forward_hook(make_hook(i, model.family.activation(mlp))) for i, mlp in enumerate(mlps)]
-    try:
-        with torch.no_grad(), model.using(None):
-            model.model.base_model(
-                input_ids=input_ids.to(device),
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                use_cache=False,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+            activations = keys.slot_activations(layer, x, model.family.activation(mlp), serving)
+            norms.append((recorded.mlp_output_norms[layer], activations.float().abs().sum(dim=-1)))
     tau = torch.tensor(
         [
             [(output[group].median() / summed[group].median().clamp_min(1e-12)).item() for group in groups]
@@ -168,12 +210,17 @@ def measured_tau(
 
 
 def _finish(
-    model: LocasModel, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix_length: int
+    model: LocasModel,
+    memory: Memory,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prefix_length: int,
+    recorded: BackbonePass | None = None,
 ) -> Memory:
     """`memory` (made with a placeholder tau under the `output` rule) with its tau measured on the text, and no
     values in the layers the model does not run it in (`LocasModel.memory_layers`)."""
     if model.tau_rule == "output":
-        memory.tau = measured_tau(model, memory, input_ids, attention_mask, prefix_length)
+        memory.tau = measured_tau(model, memory, input_ids, attention_mask, prefix_length, recorded)
     unused = [layer for layer in range(memory.num_layers) if layer not in model.memory_layers]
     with torch.no_grad():
         memory.down[unused] = 0
@@ -234,14 +281,25 @@ def memorize(
         raise ValueError("memory_init='gradient' takes no prefix (its 2-layer-MLP families put no <bos> first)")
     tokens = int(_token_mask(input_ids, attention_mask, prefix_length).sum())
     batch_size = input_ids.shape[0] if per_sequence else 1
+    recorded = None
     if memory_init == "random":
         up, gate = _random_keys(model, keep_top, batch_size, seed)
     elif memory_init == "gradient":
         memory = _gradient_memory(model, input_ids, attention_mask, keep_top, per_sequence, gradient_scale)
         return _finish(model, memory, input_ids, attention_mask, prefix_length)
     else:
+        # One forward gives the neuron scores and, under the output rule, what measuring tau reads.
+        recorded = backbone_pass(model, input_ids, attention_mask, prefix_length, model.tau_rule == "output")
         up, gate = _cloned_keys(
-            model, input_ids, attention_mask, keep_top, memory_init, per_sequence, seed, prefix_length
+            model,
+            recorded.neuron_scores,
+            input_ids,
+            attention_mask,
+            keep_top,
+            memory_init,
+            per_sequence,
+            seed,
+            prefix_length,
         )
     memory = Memory(
         up=up,
@@ -250,11 +308,12 @@ def memorize(
         tau=_initial_tau(model, keep_top),
         metadata=model.new_metadata(memory_init, tokens),
     )
-    return _finish(model, memory, input_ids, attention_mask, prefix_length)
+    return _finish(model, memory, input_ids, attention_mask, prefix_length, recorded)
 
 
 def _cloned_keys(
     model: LocasModel,
+    scores: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     width: int,
@@ -263,9 +322,8 @@ def _cloned_keys(
     seed: int,
     prefix_length: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unit-norm key (and gate) rows of the neurons `memory_init` picks, (layers, batch, width, hidden)."""
-
-    scores = neuron_scores(model, input_ids, attention_mask, prefix_length)
+    """The unit-norm key (and gate) rows of the neurons `memory_init` picks from their `scores` (as
+    `neuron_scores`), (layers, batch, width, hidden)."""
     if not per_sequence:  # one memory from every token: weight each sequence by its token count
         counts = _token_mask(input_ids, attention_mask, prefix_length).sum(dim=1).to(scores.device)
         scores = (scores * counts.unsqueeze(-1)).sum(dim=1, keepdim=True) / counts.sum().clamp_min(1)

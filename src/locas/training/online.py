@@ -361,8 +361,9 @@ class Learner:
         """The optimiser's parameter groups (an "lr" in a group overrides the config's)."""
         return [{"params": self.parameters()}]
 
-    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
-        """Logits of the last `keep` positions; row i of `input_ids` belongs to document `rows[i]`."""
+    def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Logits of the last `keep` positions, or of the positions in a 1-D tensor `keep` (negative: from the end);
+        row i of `input_ids` belongs to document `rows[i]`."""
         return self.model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
 
     def prefixed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -457,7 +458,7 @@ class MemoryLearner(Learner):
         keys = [{"params": self._keys(), "lr": self.config.lr * self.config.key_lr_scale}]
         return (keys if self.config.key_lr_scale > 0 else []) + [{"params": [self.memory.down]}]
 
-    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         every_row = rows is None or list(rows) == list(range(self.batch_size))
         with self.locas_model.serving(None if every_row else rows):
             return super().logits(input_ids, keep)
@@ -525,7 +526,7 @@ class LoraLearner(Learner):
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
 
-    def logits(self, input_ids: torch.Tensor, keep: int, rows: list[int] | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         return self.peft_model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, **kwargs) -> torch.Tensor:
@@ -640,49 +641,40 @@ def train_chunk(
 
     input_ids = stacked(max(0, start - config.window))
     targets = stacked(first)
+    mask = torch.arange(count, device=device) < torch.tensor(counts, device=device).unsqueeze(1)
+    # The logits that predict the targets: the window's last `count + 1` positions but the last (which predicts
+    # a token past the chunk). Given as positions, so that no slice of the logits is taken (nor filled in backward).
+    positions = torch.arange(-(count + 1), -1, device=device)
     teacher_cache: list[torch.Tensor] = []
 
-    def teacher(index: int) -> Callable[[], torch.Tensor]:
-        def logits() -> torch.Tensor:
-            if not teacher_cache:
-                with torch.no_grad(), learner.teacher_mode():
-                    teacher_ids = stacked(max(0, start - config.teacher_window))
-                    teacher_cache.append(learner.logits(teacher_ids, count + 1)[:, :-1])
-            return teacher_cache[0][index : index + 1, : counts[index]]
+    def teacher() -> torch.Tensor:
+        if not teacher_cache:
+            with torch.no_grad(), learner.teacher_mode():
+                teacher_ids = stacked(max(0, start - config.teacher_window))
+                teacher_cache.append(learner.logits(teacher_ids, positions))
+        return teacher_cache[0]
 
-        return logits
+    def inputs(logits: torch.Tensor) -> LossInputs:
+        needs_teacher = config.token_loss in NEEDS_TEACHER
+        return LossInputs(logits, targets, teacher if needs_teacher else None, {"mix_alpha": config.mix_alpha}, mask)
 
-    def nll_sums(logits: torch.Tensor) -> list[float]:  # row by row: float32 logits of one row at a time
-        logits = logits.detach()
-        return [
-            F.cross_entropy(logits[i, :n].float(), targets[i, :n], reduction="sum").item() for i, n in enumerate(counts)
-        ]
+    def nll_sums(step_inputs: LossInputs) -> list[float]:  # the score: the summed NLL of each row's targets
+        with torch.no_grad():
+            return step_inputs.row_sum(step_inputs.token_nll().detach()).tolist()
 
     steps = config.steps_per_chunk if optimizer is not None else 0
     if steps == 0:  # the score, from a forward before any update (training is GRPO alone, or none)
         with torch.no_grad():
-            scores = nll_sums(learner.logits(input_ids, count + 1, rows)[:, :-1])
+            scores = nll_sums(inputs(learner.logits(input_ids, positions, rows)))
         first_losses = [None] * len(rows)
-    options = {"mix_alpha": config.mix_alpha}
     for step in range(steps):
-        logits = learner.logits(input_ids, count + 1, rows)[:, :-1]
+        step_inputs = inputs(learner.logits(input_ids, positions, rows))
+        losses = LOSSES[config.token_loss](step_inputs)  # (rows,)
         if step == 0:  # the score: this forward ran before any update on this chunk
-            scores = nll_sums(logits)
-        losses = [
-            LOSSES[config.token_loss](
-                LossInputs(
-                    logits[i : i + 1, :n],
-                    targets[i : i + 1, :n],
-                    teacher(i) if config.token_loss in NEEDS_TEACHER else None,
-                    options,
-                )
-            )
-            for i, n in enumerate(counts)
-        ]
-        if step == 0:
-            first_losses = [loss.item() for loss in losses]
+            scores = nll_sums(step_inputs)
+            first_losses = losses.tolist()
         optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
+        losses.sum().backward()
         optimizer.step()
         learner.after_step()
     outcomes = [
