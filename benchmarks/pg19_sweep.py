@@ -3,7 +3,8 @@ trainable parameters, with each method's Pareto front (issue 8).
 
 Each method gets its default point (`--preset default`, when it differs), its paper point (`--preset paper`),
 then the points of its grid below, in order (`--grid focused`, the default, `wide`, or `presets`: none;
---max-points N keeps each method's first N). The focused grids give both methods the same number of points. A
+--max-points N keeps each method's first N; `--point 'lr=2e-4 steps_per_chunk=1'`, repeated, runs those points
+instead). The focused grids give both methods the same number of points. A
 grid point is the paper's settings with the point's knob values; None is the sweep's base value (--chunk-size).
 `none` (the backbone, same window) runs once per chunk and window as the reference.
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locas.evaluation import pg19
-from locas.training.online import PRESETS, OnlineConfig, lora_target_modules, saved_config
+from locas.training.online import METHOD_OPTIONS, PRESETS, OnlineConfig, lora_target_modules, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 PG19 = REPO.parent / "shared" / "data" / "pg19"
@@ -142,16 +143,54 @@ def grid_combinations(sub_grids: Sequence[dict[str, list]]) -> list[dict]:
     ]
 
 
+def parse_point(text: str) -> dict:
+    """The knob values of a `--point` ("lr=2e-4 steps_per_chunk=1": `OnlineConfig` options, numbers as numbers);
+    ValueError naming an unknown option or a pair without "="."""
+    names = {f.name for f in dataclasses.fields(OnlineConfig)} - {"method", "preset"}
+    values = {}
+    for pair in text.split():
+        name, equals, value = pair.partition("=")
+        if not equals or not value:
+            raise ValueError(f"--point {text!r}: {pair!r} is not name=value")
+        if name not in names:
+            raise ValueError(f"--point {text!r}: no option {name!r}; choose from {', '.join(sorted(names))}")
+        for kind in (int, float):
+            try:
+                values[name] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            values[name] = value
+    if not values:
+        raise ValueError("--point needs at least one name=value")
+    return values
+
+
 def sweep_points(
-    base: OnlineConfig, methods: Sequence[str], max_points: int | None, grid: str = "focused"
+    base: OnlineConfig,
+    methods: Sequence[str],
+    max_points: int | None,
+    grid: str = "focused",
+    named: Sequence[dict] | None = None,
 ) -> list[Point]:
     """The `none` references, then per method its default point (`--preset default`, when not the paper's),
     its paper point and its grid's points in order, `max_points` in all (None: every one). `base` holds the chunk,
     window and training seed; grid points that the trainer refuses (e.g. a chunk larger than the window) or
-    that repeat a point are left out."""
+    that repeat a point are left out. `named` (knob values, as `parse_point` gives): these points only, in
+    place of the presets and the grid; ValueError for one that a method does not take."""
     points = []
     for method in methods:
         paper = dataclasses.replace(base, method=method, preset="paper").resolved()
+        if named:
+            chosen = {}
+            for values in named:
+                if unused := sorted(set(values) - METHOD_OPTIONS[method]):
+                    raise ValueError(f"method {method!r} has no option {', '.join(unused)} (--point {values})")
+                config = dataclasses.replace(paper, **values).resolved()
+                chosen.setdefault(config_key(config), Point(method, "grid", config))
+            points += list(chosen.values())
+            continue
         default = dataclasses.replace(base, method=method, preset="default").resolved()
         chosen = (
             {} if config_key(default) == config_key(paper) else {config_key(default): Point(method, "default", default)}
@@ -432,6 +471,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-points", type=int, default=0, help="each method's first N points, preset points first (default 0: all)"
     )
     parser.add_argument("--grid", default="focused", choices=list(GRIDS), help="which grids (default: %(default)s)")
+    parser.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="'NAME=VALUE ...'",
+        help="run this point (the paper's settings with these options; repeat for more) instead of the presets and "
+        "the grid, e.g. --point 'lr=2e-4 steps_per_chunk=1'",
+    )
     parser.add_argument("--model", default=None, help="as `locas --model` (default: the embedded SmolLM2-135M)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
@@ -443,6 +490,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.methods = [method.strip() for method in args.methods.split(",")]
+    try:
+        args.point = [parse_point(text) for text in args.point]
+    except ValueError as error:
+        parser.error(str(error))
     if args.max_points < 0:
         parser.error(f"--max-points must be >= 0 (0: every point), got {args.max_points}")
     if unknown := [method for method in args.methods if method not in METHODS]:
@@ -477,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         return report(args.out, data)
     base = OnlineConfig(chunk_size=args.chunk_size, context_window=args.context_window)
-    points = sweep_points(base, args.methods, args.max_points or None, args.grid)
+    try:
+        points = sweep_points(base, args.methods, args.max_points or None, args.grid, args.point)
+    except ValueError as error:
+        raise SystemExit(f"pg19_sweep: {error}") from None
     if args.dry_run:
         done = {row_key(row) for row in read_rows(args.out)}
         for number, point in enumerate(points, 1):

@@ -224,3 +224,26 @@ def test_a_grid_point_equal_to_the_default_runs_once(monkeypatch) -> None:
     keys = [sweep.config_key(p.config) for p in points]
     assert len(set(keys)) == len(keys)  # the grid's first point is the default: run once
     assert len([p for p in points if p.kind == "grid"]) == len(sweep.grid_combinations(sweep.LORA_GRID)) - 1
+
+
+def test_named_points_replace_the_presets_and_the_grid(files: dict, tmp_path: Path, capsys) -> None:
+    named = [sweep.parse_point("lr=2e-4 steps_per_chunk=1"), sweep.parse_point("lora_targets=q_proj,v_proj")]
+    assert named[0] == {"lr": 2e-4, "steps_per_chunk": 1}
+    points = sweep.sweep_points(BASE, ["lora"], None, named=named)
+    assert [p.kind for p in points] == ["reference", "grid", "grid"]
+    first, second = (p.config for p in points[1:])
+    assert (first.lr, first.steps_per_chunk, first.lora_rank) == (2e-4, 1, online.PAPER["lora"]["lora_rank"])
+    assert second.lora_targets == "q_proj,v_proj" and second.lr == online.PAPER["lora"]["lr"]  # the paper's otherwise
+    with pytest.raises(ValueError, match="method 'locas' has no option lora_rank"):
+        sweep.sweep_points(BASE, ["locas"], None, named=[{"lora_rank": 8}])
+    for text, message in (("lr", "is not name=value"), ("learning_rate=1", "no option 'learning_rate'")):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(["--point", text])
+        assert message in capsys.readouterr().err
+    out = tmp_path / "points.jsonl"
+    assert sweep.main(sweep_argv(files, out, "--methods", "locas", "--point", "width=8 lr=1e-2")) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["method"], row["config"].get("width"), row["config"].get("lr")) for row in rows] == [
+        ("none", 64, 0.0),
+        ("locas", 8, 1e-2),
+    ]
