@@ -22,6 +22,7 @@ on a GPU) of the last --books books of --data by file name (so not the books pg1
     python benchmarks/pg19_sweep.py --dry-run       # list the points (done or to run)
     python benchmarks/pg19_sweep.py                 # run them; after Ctrl-C the same command resumes
     python benchmarks/pg19_sweep.py --plot-only     # the plot and the table from the JSONL file
+    python benchmarks/pg19_sweep.py --add runs/x/results.json   # a `locas eval pg19` run on the same books
 """
 
 from __future__ import annotations
@@ -335,6 +336,43 @@ def run_sweep(
     return [done[point_key(data, point.config)] for point in points]
 
 
+def rows_of_results(path: Path, data: dict) -> list[dict]:
+    """The sweep rows of a finished `locas eval pg19 --out PATH` run on the development books `data` describes
+    (one per method); SystemExit naming what differs when it ran on other books, tokens, model or dtype."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        settings, aggregate, books = results["settings"], results["aggregate"], results["books"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"pg19_sweep: {path} is not a finished `locas eval pg19` results file ({error})") from None
+    ran = {"model": settings["model"], "dtype": settings["dtype"], "books": sorted(books)}
+    ran["max_tokens"] = settings["max_tokens"]
+    wanted = {**data, "books": sorted(data["books"])}
+    if differs := [
+        f"{name} {ran[name]!r} (the sweep: {wanted[name]!r})" for name in wanted if ran[name] != wanted[name]
+    ]:
+        raise SystemExit(f"pg19_sweep: {path} ran on other development books: {', '.join(differs)}")
+    rows = []
+    for label, totals in aggregate.items():
+        config = saved_config(results["methods"][label])
+        per_book = {book: books[book][label] for book in data["books"]}
+        rows.append(
+            {
+                "method": config.method,
+                "kind": "reference" if config.method == "none" else "grid",
+                "ppl": totals["ppl"],
+                "seconds": totals["seconds"],
+                "trainable_parameters": totals["trainable_parameters"],
+                "nll_sum": totals["nll_sum"],
+                "tokens": totals["tokens"],
+                "books": {book: {"ppl": row["ppl"], "seconds": row["seconds"]} for book, row in per_book.items()},
+                "knobs": Point(config.method, "grid", config).knobs,
+                "data": data,
+                "config": dataclasses.asdict(config),
+            }
+        )
+    return rows
+
+
 # --- Pareto fronts, plot, table ------------------------------------------------------------------------
 
 
@@ -485,6 +523,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-books", type=int, default=1, help="locas/none: adapt N books at once")
     parser.add_argument("--save-every", type=int, default=8, help="save a running point's state every N chunks")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "pg19_sweep" / "points.jsonl")
+    parser.add_argument(
+        "--add",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="RESULTS.json",
+        help="add the methods of a finished `locas eval pg19` run on the same books as points, then plot",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the points and exit")
     parser.add_argument("--plot-only", action="store_true", help="plot and print the points already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -525,7 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = development_books(args.data, args.books)
     data = {"model": args.model or "default", "dtype": args.dtype, "books": [path.stem for path in paths]}
     data["max_tokens"] = args.max_tokens
-    if args.plot_only:
+    if args.add:
+        done = {row_key(row) for row in read_rows(args.out)}
+        for path in args.add:
+            for row in rows_of_results(path, data):
+                if row_key(row) not in done:
+                    append_row(row, args.out)
+                    done.add(row_key(row))
+                    print(f"added {row['method']} {describe(row['knobs'])}: PPL {row['ppl']:.3f} from {path}")
+    if args.plot_only or args.add:
         return report(args.out, data)
     base = OnlineConfig(chunk_size=args.chunk_size, context_window=args.context_window)
     try:

@@ -247,3 +247,28 @@ def test_named_points_replace_the_presets_and_the_grid(files: dict, tmp_path: Pa
         ("none", 64, 0.0),
         ("locas", 8, 1e-2),
     ]
+
+
+def test_a_finished_pg19_run_on_the_same_books_is_added_as_points(files: dict, tmp_path: Path, capsys) -> None:
+    from locas.cli import main as locas_main
+
+    results = tmp_path / "results.json"
+    books = sorted(str(path) for path in files["books"].glob("*.txt"))
+    window = ("--chunk-size", "16", "--context-window", "16", "--max-tokens", "64")
+    argv = ["eval", "pg19", *books, "--model", str(files["model"]), "--method", "none", "--method", "locas"]
+    assert locas_main([*argv, "--preset", "paper", "--width", "8", "--lr", "1e-2", *window, "--out", str(results)]) == 0
+    out = tmp_path / "points.jsonl"
+    assert sweep.main(sweep_argv(files, out, "--methods", "locas", "--point", "width=8 lr=1e-2")) == 0
+    swept = {row["method"]: row for row in sweep.read_rows(out)}
+    out.unlink()
+    assert sweep.main(sweep_argv(files, out, "--add", str(results))) == 0
+    added = {row["method"]: row for row in sweep.read_rows(out)}
+    assert set(added) == {"none", "locas"} and added["locas"]["kind"] == "grid"
+    for method, row in added.items():  # the same point as the sweep's own run of it, with the same numbers
+        assert sweep.row_key(row) == sweep.row_key(swept[method])
+        assert row["ppl"] == pytest.approx(swept[method]["ppl"], rel=1e-5)
+    assert sweep.main(sweep_argv(files, out, "--add", str(results))) == 0  # added once only
+    assert len(sweep.read_rows(out)) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"other development books: max_tokens 64 \(the sweep: 32\)"):
+        sweep.main([*sweep_argv(files, out, "--add", str(results)), "--max-tokens", "32"])
