@@ -36,12 +36,13 @@ import math
 import os
 import shutil
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from locas.evaluation import pg19
-from locas.training.online import METHOD_OPTIONS, PRESETS, OnlineConfig, lora_target_modules, saved_config
+from locas.training.online import PRESETS, OnlineConfig, lora_target_modules, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 PG19 = REPO.parent / "shared" / "data" / "pg19"
@@ -145,27 +146,34 @@ def grid_combinations(sub_grids: Sequence[dict[str, list]]) -> list[dict]:
 
 
 def parse_point(text: str) -> dict:
-    """The knob values of a `--point` ("lr=2e-4 steps_per_chunk=1": `OnlineConfig` options, numbers as numbers);
-    ValueError naming an unknown option or a pair without "="."""
-    names = {f.name for f in dataclasses.fields(OnlineConfig)} - {"method", "preset"}
+    """The option values of a `--point` ("lr=2e-4 steps_per_chunk=1": `OnlineConfig` options, each converted to
+    its field's type, "None" to None where the field allows it); ValueError naming the pair that does not parse."""
+    hints = typing.get_type_hints(OnlineConfig)
     values = {}
     for pair in text.split():
         name, equals, value = pair.partition("=")
         if not equals or not value:
             raise ValueError(f"--point {text!r}: {pair!r} is not name=value")
-        if name not in names:
-            raise ValueError(f"--point {text!r}: no option {name!r}; choose from {', '.join(sorted(names))}")
-        for kind in (int, float):
-            try:
-                values[name] = kind(value)
-                break
-            except ValueError:
-                continue
-        else:
-            values[name] = value
+        if name not in hints or name in ("method", "preset"):
+            names = sorted(set(hints) - {"method", "preset"})
+            raise ValueError(f"--point {text!r}: no option {name!r}; choose from {', '.join(names)}")
+        kinds = typing.get_args(hints[name]) or (hints[name],)
+        if value == "None" and type(None) in kinds:
+            values[name] = None
+            continue
+        kind = next(kind for kind in kinds if kind is not type(None))
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"--point {text!r}: {name} takes a {kind.__name__}, not {value!r}") from None
     if not values:
         raise ValueError("--point needs at least one name=value")
     return values
+
+
+def point_config(base: OnlineConfig, method: str, values: dict) -> OnlineConfig:
+    """The paper's settings of `method` with `values` (knob -> value), resolved."""
+    return dataclasses.replace(base, method=method, preset="paper", **values).resolved()
 
 
 def sweep_points(
@@ -179,16 +187,20 @@ def sweep_points(
     its paper point and its grid's points in order, `max_points` in all (None: every one). `base` holds the chunk,
     window and training seed; grid points that the trainer refuses (e.g. a chunk larger than the window) or
     that repeat a point are left out. `named` (knob values, as `parse_point` gives): these points only, in
-    place of the presets and the grid; ValueError for one that a method does not take."""
+    place of the presets and the grid (`max_points` does not apply); ValueError for a value a method would not
+    use (an option of another method, or one its other settings ignore)."""
     points = []
     for method in methods:
         paper = dataclasses.replace(base, method=method, preset="paper").resolved()
         if named:
             chosen = {}
             for values in named:
-                if unused := sorted(set(values) - METHOD_OPTIONS[method]):
-                    raise ValueError(f"method {method!r} has no option {', '.join(unused)} (--point {values})")
-                config = dataclasses.replace(paper, **values).resolved()
+                config = point_config(base, method, values)
+                if ignored := [name for name, value in values.items() if getattr(config, name) != value]:
+                    raise ValueError(
+                        f"method {method!r} does not use {', '.join(ignored)} with these settings (--point {values}; "
+                        "e.g. output_ratio counts only with tau_rule=output, lora options only for lora)"
+                    )
                 chosen.setdefault(config_key(config), Point(method, "grid", config))
             points += list(chosen.values())
             continue
@@ -202,7 +214,7 @@ def sweep_points(
                 break
             values = {name: value for name, value in values.items() if value is not None}
             try:
-                config = dataclasses.replace(paper, **values).resolved()
+                config = point_config(base, method, values)
             except ValueError:
                 continue
             chosen.setdefault(config_key(config), Point(method, "grid", config))
@@ -341,11 +353,12 @@ def rows_of_results(path: Path, data: dict) -> list[dict]:
     (one per method); SystemExit naming what differs when it ran on other books, tokens, model or dtype."""
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-        settings, aggregate, books = results["settings"], results["aggregate"], results["books"]
-    except (OSError, ValueError, KeyError) as error:
-        raise SystemExit(f"pg19_sweep: {path} is not a finished `locas eval pg19` results file ({error})") from None
-    ran = {"model": settings["model"], "dtype": settings["dtype"], "books": sorted(books)}
-    ran["max_tokens"] = settings["max_tokens"]
+        settings, aggregate, books, methods = (results[key] for key in ("settings", "aggregate", "books", "methods"))
+        ran = {"model": settings["model"], "dtype": settings["dtype"], "books": sorted(books)}
+        ran["max_tokens"] = settings["max_tokens"]
+        configs = {label: saved_config(methods[label]) for label in aggregate}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"pg19_sweep: {path} is not a finished `locas eval pg19` results file ({error!r})") from None
     wanted = {**data, "books": sorted(data["books"])}
     if differs := [
         f"{name} {ran[name]!r} (the sweep: {wanted[name]!r})" for name in wanted if ran[name] != wanted[name]
@@ -353,7 +366,7 @@ def rows_of_results(path: Path, data: dict) -> list[dict]:
         raise SystemExit(f"pg19_sweep: {path} ran on other development books: {', '.join(differs)}")
     rows = []
     for label, totals in aggregate.items():
-        config = saved_config(results["methods"][label])
+        config = configs[label]
         per_book = {book: books[book][label] for book in data["books"]}
         rows.append(
             {

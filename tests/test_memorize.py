@@ -278,3 +278,15 @@ def test_memorize_leaves_no_values_in_layers_that_do_not_run_the_memory(tokens):
     locas_model = locas.LocasModel(tiny_model("gpt2"), memory_layers=[1])
     memory = locas_model.memorize(tokens, keep_top=4, memory_init="gradient")
     assert memory.down[0].abs().sum() == 0 and memory.down[1].abs().sum() > 0
+
+
+def test_measured_tau_refuses_a_pass_over_other_text(tokens):
+    from locas.memorize import backbone_pass, measured_tau
+
+    locas_model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
+    memory = locas_model.memorize(tokens, keep_top=4)
+    recorded = backbone_pass(locas_model, tokens, keep_inputs=True)
+    torch.testing.assert_close(measured_tau(locas_model, memory, tokens, recorded=recorded), memory.tau)
+    for other in (backbone_pass(locas_model, tokens), backbone_pass(locas_model, tokens[:, :-2], keep_inputs=True)):
+        with pytest.raises(ValueError, match="backbone_pass of these input_ids with keep_inputs=True"):
+            measured_tau(locas_model, memory, tokens, recorded=other)

@@ -174,6 +174,11 @@ def test_each_rows_loss_is_the_mean_over_its_own_targets_and_the_nll_is_computed
         ]
         assert torch.allclose(loss(batch), torch.cat(alone), atol=1e-6)
     assert batch.token_nll() is batch.token_nll()  # the trainer's score reads the loss's own NLL
+    scored_first = LossInputs(student, targets, mask=mask)
+    with torch.no_grad():
+        scored_first.token_nll()  # read without grad first: a loss afterwards still trains
+    ntp(scored_first).sum().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
     assert batch.row_sum(batch.token_nll())[1].item() == pytest.approx(
         F.cross_entropy(student[1, :3], targets[1, :3], reduction="sum").item(), rel=1e-6
     )
@@ -306,6 +311,22 @@ def test_documents_adapted_in_one_batch_equal_separate_runs(case, one_thread):
                 torch.testing.assert_close(batched.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
             assert batched.trainable_parameters == alone.trainable_parameters
             torch.testing.assert_close(batched.memory.tau, alone.memory.tau)  # output rule: each text its own
+
+
+@pytest.mark.parametrize("loss", ["ntp", "mix"])
+def test_a_window_prefix_keeps_batched_runs_equal_to_separate_ones(loss, monkeypatch, one_thread):
+    import locas.training.online as online_module
+
+    monkeypatch.setattr(online_module, "window_prefix", lambda tokenizer: [1])  # a <bos> before every window
+    config = OnlineConfig(**{**SMALL, "method": "locas", "lr": 2e-2, "loss": loss, "teacher_window": 32})
+    documents = [stream(100, seed=1), stream(75, seed=2)]
+    model = tiny_model("gemma")
+    together = run_online_batch(model, documents, config, progress=False, tokenizer=object())
+    for document, batched in zip(documents, together, strict=True):
+        alone = run_online(model, document, config, progress=False, tokenizer=object())
+        assert scores(batched) == pytest.approx(scores(alone), rel=1e-5)
+        assert [r.loss for r in batched.records] == pytest.approx([r.loss for r in alone.records], rel=1e-4)
+        assert scores(alone) != pytest.approx(scores(run_online(model, document, config, progress=False)), rel=1e-6)
 
 
 def test_a_batched_run_resumes_and_lora_refuses_a_batch(tmp_path, one_thread):

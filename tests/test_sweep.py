@@ -234,8 +234,25 @@ def test_named_points_replace_the_presets_and_the_grid(files: dict, tmp_path: Pa
     first, second = (p.config for p in points[1:])
     assert (first.lr, first.steps_per_chunk, first.lora_rank) == (2e-4, 1, online.PAPER["lora"]["lora_rank"])
     assert second.lora_targets == "q_proj,v_proj" and second.lr == online.PAPER["lora"]["lr"]  # the paper's otherwise
-    with pytest.raises(ValueError, match="method 'locas' has no option lora_rank"):
-        sweep.sweep_points(BASE, ["locas"], None, named=[{"lora_rank": 8}])
+    alpha = sweep.parse_point("lora_alpha=64 max_width=None width=8")
+    assert alpha == {"lora_alpha": 64.0, "max_width": None, "width": 8} and isinstance(alpha["lora_alpha"], float)
+    assert (
+        sweep.sweep_points(BASE, ["lora"], None, named=[{"lora_alpha": 64.0, "lora_rank": 4}])[1].config.lora_alpha
+        == 64.0
+    )
+    with pytest.raises(ValueError, match="lr takes a float, not 'fast'"):
+        sweep.parse_point("lr=fast")
+    for values, ignored in (({"lora_rank": 8}, "lora_rank"), ({"output_ratio": 0.2}, "output_ratio")):
+        with pytest.raises(ValueError, match=f"method 'locas' does not use {ignored} with these settings"):
+            sweep.sweep_points(BASE, ["locas"], None, named=[values])
+    both = sweep.sweep_points(BASE, ["locas"], None, named=[{"tau_rule": "output", "output_ratio": 0.2}])
+    assert both[1].config.output_ratio == 0.2
+    window = sweep.sweep_points(BASE, ["locas"], None, named=[{"context_window": 32, "loss": "sd"}])[1].config
+    assert (
+        window.teacher_window
+        == OnlineConfig(chunk_size=16, context_window=32, loss="sd").resolved().teacher_window
+        == 128
+    )
     for text, message in (("lr", "is not name=value"), ("learning_rate=1", "no option 'learning_rate'")):
         with pytest.raises(SystemExit):
             sweep.parse_args(["--point", text])

@@ -91,9 +91,9 @@ def backbone_pass(
     are each sequence's non-padding tokens after its first `prefix_length` (seen by the backbone, not scored)."""
     mask = _token_mask(input_ids, attention_mask, prefix_length).to(model.device)
     mlps = model.family.mlps(model.model)
-    sums: list[torch.Tensor] = [None] * len(mlps)
-    inputs: list[torch.Tensor] = [None] * len(mlps)
-    output_norms: list[torch.Tensor] = [None] * len(mlps)
+    sums: list[torch.Tensor | None] = [None] * len(mlps)
+    inputs: list[torch.Tensor | None] = [None] * len(mlps)
+    output_norms: list[torch.Tensor | None] = [None] * len(mlps)
 
     def record_activations(layer: int):
         def hook(module, args):
@@ -192,8 +192,13 @@ def measured_tau(
         down=memory.down.detach().to(device),
         tau=memory.tau.to(device),
     )
-    if recorded is None or recorded.mlp_inputs is None:
+    if recorded is None:
         recorded = backbone_pass(model, input_ids, attention_mask, prefix_length, keep_inputs=True)
+    elif recorded.mlp_inputs is None or recorded.mlp_inputs[0].shape[:2] != input_ids.shape:
+        raise ValueError(
+            "recorded must be a backbone_pass of these input_ids with keep_inputs=True "
+            f"(input_ids {tuple(input_ids.shape)})"
+        )
     norms = []  # per layer: ||mlp(x)||, sum_j |act_j(x)|
     with torch.no_grad():
         for layer, (mlp, x) in enumerate(zip(model.family.mlps(model.model), recorded.mlp_inputs, strict=True)):
@@ -289,7 +294,9 @@ def memorize(
         return _finish(model, memory, input_ids, attention_mask, prefix_length)
     else:
         # One forward gives the neuron scores and, under the output rule, what measuring tau reads.
-        recorded = backbone_pass(model, input_ids, attention_mask, prefix_length, model.tau_rule == "output")
+        recorded = backbone_pass(
+            model, input_ids, attention_mask, prefix_length, keep_inputs=model.tau_rule == "output"
+        )
         up, gate = _cloned_keys(
             model,
             recorded.neuron_scores,

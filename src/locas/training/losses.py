@@ -33,17 +33,16 @@ class LossInputs:
         return self.teacher()
 
     def token_nll(self) -> torch.Tensor:
-        """-log p(target) per target token, (batch, n) in float32; computed once (with grad when the logits
-        have it), one row at a time so that only one row's logits are ever copied to float32."""
-        if self._token_nll is None:
-            logits = self.student_logits
-            # A batch of one is flattened rather than indexed: the backward of an index fills a zero tensor
-            # of the logits' size before copying the gradient in.
-            rows = [logits.flatten(0, 1)] if logits.shape[0] == 1 else logits.unbind(0)
+        """-log p(target) per target token, (batch, n) in float32; computed once (with grad when the logits have it
+        and grad is on: a value first computed without grad is computed again for a loss), one row at a time, so
+        that no (batch, n, vocab) float32 copy is made at once."""
+        cached = self._token_nll
+        wants_grad = torch.is_grad_enabled() and self.student_logits.requires_grad
+        if cached is None or (wants_grad and not cached.requires_grad):
             self._token_nll = torch.stack(
                 [
                     F.cross_entropy(row.float(), target, reduction="none")
-                    for row, target in zip(rows, self.targets, strict=True)
+                    for row, target in zip(_rows(self.student_logits), self.targets, strict=True)
                 ]
             )
         return self._token_nll
@@ -65,9 +64,17 @@ def ntp(inputs: LossInputs) -> torch.Tensor:
 
 def sd(inputs: LossInputs) -> torch.Tensor:
     """Self-distillation: KL(teacher || student) per target token, mean over each row's targets."""
-    student = F.log_softmax(inputs.student_logits.float(), dim=-1)
-    teacher = F.log_softmax(inputs.teacher_logits().float(), dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)
+    kl = torch.stack(
+        [
+            F.kl_div(
+                F.log_softmax(student.float(), -1),
+                F.log_softmax(teacher.float(), -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+            for student, teacher in zip(_rows(inputs.student_logits), _rows(inputs.teacher_logits()), strict=True)
+        ]
+    )  # row by row, as token_nll
     return inputs.row_mean(kl)
 
 
@@ -75,6 +82,12 @@ def mix(inputs: LossInputs) -> torch.Tensor:
     """`mix_alpha` * NTP + (1 - `mix_alpha`) * SD."""
     alpha = inputs.options.get("mix_alpha", 0.5)
     return alpha * ntp(inputs) + (1 - alpha) * sd(inputs)
+
+
+def _rows(logits: torch.Tensor) -> list[torch.Tensor]:
+    """The (n, vocab) rows of (batch, n, vocab) `logits`; a batch of one is flattened rather than indexed (the
+    backward of an index fills a zero tensor of the logits' size before copying the gradient in)."""
+    return [logits.flatten(0, 1)] if logits.shape[0] == 1 else list(logits.unbind(0))
 
 
 LOSSES: dict[str, Callable[[LossInputs], torch.Tensor]] = {"ntp": ntp, "sd": sd, "mix": mix}
