@@ -191,7 +191,6 @@ def sweep_points(
     use (an option of another method, or one its other settings ignore)."""
     points = []
     for method in methods:
-        paper = dataclasses.replace(base, method=method, preset="paper").resolved()
         if named:
             chosen = {}
             for values in named:
@@ -204,6 +203,7 @@ def sweep_points(
                 chosen.setdefault(config_key(config), Point(method, "grid", config))
             points += list(chosen.values())
             continue
+        paper = dataclasses.replace(base, method=method, preset="paper").resolved()
         default = dataclasses.replace(base, method=method, preset="default").resolved()
         chosen = (
             {} if config_key(default) == config_key(paper) else {config_key(default): Point(method, "default", default)}
@@ -292,16 +292,22 @@ def run_point(
             save_every=save_every,
             progress=progress,
         )
-    nll_sum, tokens = sum(row["nll_sum"] for row in rows), sum(row["tokens"] for row in rows)
+    return point_row(point, rows, data)
+
+
+def point_row(point: Point, book_rows: Sequence[dict], data: dict) -> dict:
+    """The JSONL row of `point` from its per-book results (`pg19.run_books` rows: book, nll_sum, tokens, ppl,
+    seconds, trainable_parameters), pooled over the books."""
+    nll_sum, tokens = sum(row["nll_sum"] for row in book_rows), sum(row["tokens"] for row in book_rows)
     return {
         "method": point.method,
         "kind": point.kind,
         "ppl": math.exp(nll_sum / tokens),
-        "seconds": sum(row["seconds"] for row in rows),
-        "trainable_parameters": max(row["trainable_parameters"] for row in rows),
+        "seconds": sum(row["seconds"] for row in book_rows),
+        "trainable_parameters": max(row["trainable_parameters"] for row in book_rows),
         "nll_sum": nll_sum,
         "tokens": tokens,
-        "books": {row["book"]: {"ppl": row["ppl"], "seconds": row["seconds"]} for row in rows},
+        "books": {row["book"]: {"ppl": row["ppl"], "seconds": row["seconds"]} for row in book_rows},
         "knobs": point.knobs,
         "data": data,
         "config": dataclasses.asdict(point.config),
@@ -350,40 +356,36 @@ def run_sweep(
 
 def rows_of_results(path: Path, data: dict) -> list[dict]:
     """The sweep rows of a finished `locas eval pg19 --out PATH` run on the development books `data` describes
-    (one per method); SystemExit naming what differs when it ran on other books, tokens, model or dtype."""
+    (one per method, pooled from its per-book results as a point's own run is); SystemExit naming what differs
+    when it ran on other books, tokens, model or dtype, or when the file is not such a results file."""
+
+    def malformed(error: Exception) -> SystemExit:
+        return SystemExit(f"pg19_sweep: {path} is not a finished `locas eval pg19` results file ({error!r})")
+
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-        settings, aggregate, books, methods = (results[key] for key in ("settings", "aggregate", "books", "methods"))
+        settings, books, methods = (results[key] for key in ("settings", "books", "methods"))
         ran = {"model": settings["model"], "dtype": settings["dtype"], "books": sorted(books)}
         ran["max_tokens"] = settings["max_tokens"]
-        configs = {label: saved_config(methods[label]) for label in aggregate}
+        configs = {label: saved_config(methods[label]) for label in results["aggregate"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"pg19_sweep: {path} is not a finished `locas eval pg19` results file ({error!r})") from None
+        raise malformed(error) from None
     wanted = {**data, "books": sorted(data["books"])}
     if differs := [
         f"{name} {ran[name]!r} (the sweep: {wanted[name]!r})" for name in wanted if ran[name] != wanted[name]
     ]:
         raise SystemExit(f"pg19_sweep: {path} ran on other development books: {', '.join(differs)}")
-    rows = []
-    for label, totals in aggregate.items():
-        config = configs[label]
-        per_book = {book: books[book][label] for book in data["books"]}
-        rows.append(
-            {
-                "method": config.method,
-                "kind": "reference" if config.method == "none" else "grid",
-                "ppl": totals["ppl"],
-                "seconds": totals["seconds"],
-                "trainable_parameters": totals["trainable_parameters"],
-                "nll_sum": totals["nll_sum"],
-                "tokens": totals["tokens"],
-                "books": {book: {"ppl": row["ppl"], "seconds": row["seconds"]} for book, row in per_book.items()},
-                "knobs": Point(config.method, "grid", config).knobs,
-                "data": data,
-                "config": dataclasses.asdict(config),
-            }
-        )
-    return rows
+    try:
+        return [
+            point_row(
+                Point(config.method, "reference" if config.method == "none" else "grid", config),
+                [books[book][label] for book in data["books"]],
+                data,
+            )
+            for label, config in configs.items()
+        ]
+    except (KeyError, TypeError) as error:
+        raise malformed(error) from None
 
 
 # --- Pareto fronts, plot, table ------------------------------------------------------------------------
