@@ -18,14 +18,20 @@ TFLOP/s, and peak memory to JSON, plus a bar chart of the ratios. Models: random
     python benchmarks/ttt_speed.py --model tiny --windows 256 1024              # CPU, a minute
     python benchmarks/ttt_speed.py --model default --windows 1024 --batch 2     # the embedded model
     python benchmarks/ttt_speed.py --model qwen3-1.7b --dtype bfloat16          # on a GPU
+    python benchmarks/ttt_speed.py --model qwen3-1.7b --dtype bfloat16 --compile reduce-overhead
+
+With `--compile MODE` the forward and every step run through `torch.compile` (the trainer's `--compile`), and
+each also reports its first call with inductor's cache empty (`*_compile_cold_s`) and warm (`*_compile_warm_s`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +41,7 @@ import torch
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.memorize import memorize
 from locas.merge import to_dense
-from locas.training.online import OnlineConfig, _optimizer, make_learner, train_chunk
+from locas.training.online import COMPILE_MODES, OnlineConfig, _optimizer, make_learner, train_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_SHAPES = {  # hidden, MLP width, layers, attention heads, key/value heads (head_dim 128, vocab 151,936)
@@ -72,14 +78,15 @@ def build_model(name: str, dtype: torch.dtype, device: str):
     return model
 
 
-def median_seconds(function: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
+def median_seconds(function: Callable[[], object], repeats: int, device: torch.device, warm_up: bool = True) -> float:
+    """Median wall time of `repeats` calls, after one warm-up call unless `warm_up` is False."""
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    function()
+    if warm_up:
+        function()
     times = []
     for _ in range(repeats):
         synchronize()
@@ -116,28 +123,36 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
     common = dict(chunk_size=chunk, context_window=window - chunk, steps_per_chunk=1)
     row: dict = {"window": window, "chunk": chunk}
 
-    def step_timer(method: str, rows: list[int], **options) -> float:
-        config = OnlineConfig(method=method, **common, **options).resolved()
+    def step_timer(method: str, rows: list[int], name: str, **options) -> None:
+        config = OnlineConfig(method=method, compile=args.compile, **common, **options).resolved()
         learner = make_learner(model, config, batch_size=len(rows))
         try:
             learner.prepare(config.memorize_at, [documents[r][:chunk] for r in rows], rows)
             optimizer = _optimizer(learner.parameter_groups(), config)
-            return median_seconds(
-                lambda: train_chunk(learner, optimizer, documents, rows, start, config), args.repeats, device
-            )
+            timed(name, lambda: train_chunk(learner, optimizer, documents, rows, start, config))
         finally:
             learner.close()
 
+    def timed(name: str, function: Callable[[], object]) -> None:
+        """`name`_s: the median call. Compiled, also the first call (`name`_compile_cold_s: compiling with inductor's
+        cache empty) and the first call after dynamo forgot it (`name`_compile_warm_s: the on-disk cache warm)."""
+        if args.compile == "off":
+            row[f"{name}_s"] = median_seconds(function, args.repeats, device)
+            return
+        row[f"{name}_compile_cold_s"] = median_seconds(function, 1, device, warm_up=False)
+        row[f"{name}_s"] = median_seconds(function, args.repeats, device, warm_up=False)
+        torch._dynamo.reset()
+        row[f"{name}_compile_warm_s"] = median_seconds(function, 1, device, warm_up=False)
+
     input_ids = documents[0].unsqueeze(0).to(device)
+    forward = model if args.compile == "off" else torch.compile(model, mode=args.compile)
     with torch.no_grad():
-        row["forward_s"] = median_seconds(
-            lambda: model(input_ids=input_ids, use_cache=False, logits_to_keep=chunk + 1), args.repeats, device
-        )
-    row["locas_step_s"] = step_timer("locas", [0], width=args.rank)
-    row["lora_step_s"] = step_timer("lora", [0], lora_rank=args.rank, lora_alpha=float(args.rank))
+        timed("forward", lambda: forward(input_ids=input_ids, use_cache=False, logits_to_keep=chunk + 1))
+    step_timer("locas", [0], "locas_step", width=args.rank)
+    step_timer("lora", [0], "lora_step", lora_rank=args.rank, lora_alpha=float(args.rank))
     if args.batch > 1:
         row["batch"] = args.batch
-        row["locas_batch_step_s"] = step_timer("locas", list(range(args.batch)), width=args.rank)
+        step_timer("locas", list(range(args.batch)), "locas_batch_step", width=args.rank)
         row["batch_speedup"] = args.batch * row["locas_step_s"] / row["locas_batch_step_s"]
 
     from locas.model import LocasModel
@@ -193,8 +208,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_MODES,
+        help="time the forward and the steps compiled in this torch.compile mode, with their compile times "
+        "cold (inductor's cache in a new empty folder) and warm (the same compilation again, from that cache)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
+    if args.compile != "off":  # read when inductor first compiles: a cold cache, whatever this machine compiled before
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")
     device = torch.device(args.device)
     model = build_model(args.model, getattr(torch, args.dtype), args.device)
     results = {
@@ -202,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "rank": args.rank,
+        "compile": args.compile,
         "torch": torch.__version__,
         "windows": [],
     }

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -624,3 +625,72 @@ def test_top_layers_train_the_memory_in_the_top_layers_only():
     assert scores(top)[0] == pytest.approx(scores(every)[0]) and scores(top)[1:] != pytest.approx(scores(every)[1:])
     with pytest.raises(ValueError, match=r"top_layers must be a fraction in \(0, 1\] of the layers, got 0"):
         OnlineConfig(method="locas", top_layers=0).resolved()
+
+
+# --- compiled runs: one shape per chunk ------------------------------------------------------------
+
+FIXED_SHAPE_CASES = {
+    "none": dict(method="none"),
+    "locas ntp": dict(method="locas", lr=2e-2, steps_per_chunk=2),
+    "locas mix (teacher window)": dict(method="locas", lr=2e-2, loss="mix", teacher_window=40),
+    "lora": dict(method="lora", lr=2e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(FIXED_SHAPE_CASES))
+def test_compiled_runs_read_one_shape_per_chunk_and_give_the_eager_numbers(case, monkeypatch, one_thread):
+    """Under `compile`, every window is padded to its full length and the targets to a chunk; torch.compile is
+    replaced by the module itself here, so that only the padding differs from the eager run."""
+    config = OnlineConfig(**{**SMALL, **FIXED_SHAPE_CASES[case]})
+    documents = [stream(100, seed=1), stream(75, seed=2)]  # uneven ends, last chunks shorter than a chunk
+    model = tiny_model("llama")
+    eager = [run_online(model, document, config, progress=False) for document in documents]
+    monkeypatch.setattr(torch, "compile", lambda module, mode: module)
+    shapes = []
+    decoder = model.model  # (peft calls the causal LM's forward directly, its decoder through its hooks)
+    hook = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    fixed_config = dataclasses.replace(config, compile="default")
+    try:
+        fixed = [run_online(model, document, fixed_config, progress=False) for document in documents]
+        if config.method != "lora":  # lora adapts one document at a time
+            batched = run_online_batch(model, documents, fixed_config, progress=False)
+    finally:
+        hook.remove()
+    lengths = (config.context_window + config.chunk_size, 40 + config.chunk_size)  # the window, the teacher's
+    allowed = {torch.Size([rows, length]) for rows in (1, 2) for length in lengths}
+    if config.method == "locas":
+        allowed.add(torch.Size([1, config.chunk_size]))  # memorize reads the first chunk alone
+    assert shapes and set(shapes) <= allowed
+    for alone, padded in zip(eager, fixed, strict=True):
+        assert [r.targets for r in padded.records] == [r.targets for r in alone.records]
+        assert scores(padded) == pytest.approx(scores(alone), rel=1e-5)
+        if config.method != "none":
+            assert [r.loss for r in padded.records] == pytest.approx([r.loss for r in alone.records], rel=1e-4)
+        if alone.memory is not None:
+            torch.testing.assert_close(padded.memory.down, alone.memory.down, rtol=1e-4, atol=1e-6)
+    if config.method != "lora":
+        for alone, together in zip(eager, batched, strict=True):
+            assert scores(together) == pytest.approx(scores(alone), rel=1e-5)
+
+
+def test_the_compile_mode_never_tells_runs_apart_and_a_bad_one_is_refused():
+    assert same_settings(dataclasses.asdict(OnlineConfig().resolved()), OnlineConfig(compile="default").resolved())
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'; choose one of off, default"):
+        OnlineConfig(compile="fast").resolved()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_a_compiled_run_compiles_once_and_equals_the_eager_run(one_thread):
+    config = OnlineConfig(**SMALL, method="locas", lr=2e-2)
+    document = stream(100, seed=1)  # 7 chunks: a first one with no context, a short last one
+    model = tiny_model("llama")
+    eager = run_online(model, document, config, progress=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run_online(model, document, dataclasses.replace(config, compile="default"), progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one compilation served every chunk
+    assert scores(compiled) == pytest.approx(scores(eager), rel=1e-5)
+    torch.testing.assert_close(compiled.memory.down, eager.memory.down, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()

@@ -214,6 +214,23 @@ def test_locas_variants_are_two_methods(files: dict, tmp_path: Path, capsys) -> 
     assert "locas:random_index" in stdout
 
 
+def test_compile_reaches_the_trainer_and_gives_the_eager_numbers(
+    files: dict, full_run: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    modes = []  # torch.compile is replaced by a recorder: the padding to one shape per chunk is what runs
+    monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
+    out = tmp_path / "compiled.json"
+    argv = ["eval", "pg19", files["a"], "--model", files["model"], "--method", "locas", *TINY, "--out", out]
+    code, _, err = run(capsys, *argv, "--compile", "reduce-overhead")
+    assert code == 0, err
+    row = json.loads(out.read_text())["books"]["a"]["locas"]
+    assert modes == ["reduce-overhead"] and row["config"]["compile"] == "reduce-overhead"
+    assert row["nll_sum"] == pytest.approx(full_run["results"]["books"]["a"]["locas"]["nll_sum"], rel=1e-5)
+    code, _, err = run(capsys, *argv, "--compile", "fast")
+    assert code == 2
+    usage_error(err, "eval pg19", "--compile: invalid choice: 'fast'")
+
+
 class Spy:
     """Wraps pg19.run_online_batch: records each batch run and the chunks it ran, and can press Ctrl-C after
     a chunk."""

@@ -665,7 +665,7 @@ def _trainer_options() -> argparse.ArgumentParser:
     preset sets default to None: `OnlineConfig.resolved` fills them from --preset, so explicit flags win."""
     from locas.memorize import MEMORY_INITS
     from locas.model import TAU_RULES
-    from locas.training.online import PRESETS, TRAINING_LOSSES
+    from locas.training.online import COMPILE_MODES, PRESETS, TRAINING_LOSSES
 
     parser = argparse.ArgumentParser(add_help=False)
     options = parser.add_argument_group("online training (each method's memory or adapter)")
@@ -743,6 +743,14 @@ def _trainer_options() -> argparse.ArgumentParser:
         f"q_proj,v_proj); {_preset_default('lora_targets')}",
     )
     options.add_argument("--seed", type=int, default=0, help="locas random inits and GRPO samples, lora adapter init")
+    options.add_argument(
+        "--compile",
+        default="off",
+        choices=COMPILE_MODES,
+        help="run the scored model through torch.compile in this mode (reduce-overhead: CUDA graphs); every chunk "
+        "then has one shape, so one compilation serves the run. Same numbers up to float rounding; pays for its "
+        "compilation (minutes) on a GPU, not on a CPU (README, Speed)",
+    )
     _add_grpo_options(parser.add_argument_group("GRPO of a locas memory (--loss grpo, ntp+grpo)"), "each chunk")
     return parser
 
@@ -1007,9 +1015,11 @@ def _quiet_transformers():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from locas.allocator import keep_freed_memory
     from locas.default_model import ModelLoadError
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a CPU training step reuses its freed activations instead of faulting them in again
     try:
         with _quiet_transformers():
             args.run(args)

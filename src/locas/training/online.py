@@ -48,7 +48,10 @@ from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
 METHODS = ("locas", "lora", "none", "long")
 GRPO_LOSSES = ("grpo", "ntp+grpo")  # GRPO alone, or the chunk's NTP steps then GRPO (locas only)
 TRAINING_LOSSES = (*LOSSES, *GRPO_LOSSES)
-_SHARED = {"method", "preset", "chunk_size", "context_window", "seed"}
+_SHARED = {"method", "preset", "chunk_size", "context_window", "seed", "compile"}
+# How the scored model runs: eagerly, or compiled by `torch.compile` in one of its modes (every chunk then has
+# one shape, so that one compilation serves a whole text; the numbers are the eager ones up to float rounding).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 _TRAINING = {"lr", "steps_per_chunk", "weight_decay", "loss", "teacher_window", "mix_alpha"}
 _GRPO = {
     "grpo_group_size",
@@ -155,6 +158,7 @@ class OnlineConfig:
     grpo_beta: float = GrpoSettings.beta
     grpo_updates_per_batch: int = GrpoSettings.updates_per_batch
     seed: int = 0
+    compile: str = field(default="off", compare=False)  # a key of COMPILE_MODES; never tells runs apart
 
     def resolved(self) -> OnlineConfig:
         """A copy with the preset's values in the options left at None, and the options the method does not use
@@ -199,6 +203,8 @@ class OnlineConfig:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
         if self.tau_rule not in TAU_RULES:
             raise ValueError(f"unknown tau_rule {self.tau_rule!r}; choose one of {', '.join(TAU_RULES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         for name in ("width", "long_factor", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -344,6 +350,8 @@ class Learner:
             )
         self.model, self.config, self.batch_size = model, config, batch_size
         self.prefix: list[int] = []  # tokens put before every window (`data.window_prefix`: bos for Gemma)
+        self.scored: torch.nn.Module = model  # what a forward runs: the backbone, or the backbone with an adapter
+        self._compiled: torch.nn.Module | None = None
 
     def prepare(self, chunk_index: int, chunks: list[torch.Tensor], rows: list[int]) -> bool:
         """Called before chunk `chunk_index` of documents `rows` (tokens `chunks`) is scored; True when the
@@ -364,7 +372,15 @@ class Learner:
     def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions, or of the positions in a 1-D tensor `keep` (negative: from the end);
         row i of `input_ids` belongs to document `rows[i]`."""
-        return self.model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
+        return self.forward_module()(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
+
+    def forward_module(self) -> torch.nn.Module:
+        """`scored`, compiled on first use under `config.compile` (the memory's hooks are compiled with it)."""
+        if self.config.compile == "off":
+            return self.scored
+        if self._compiled is None:
+            self._compiled = torch.compile(self.scored, mode=self.config.compile)
+        return self._compiled
 
     def prefixed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.prefix:
@@ -522,12 +538,10 @@ class LoraLearner(Learner):
         with torch.random.fork_rng(devices=[]):  # the adapter's A matrices are random: seed them, not the caller
             torch.manual_seed(config.seed)
             self.peft_model = get_peft_model(model, lora_config)
+        self.scored = self.peft_model
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.peft_model.parameters() if p.requires_grad]
-
-    def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
-        return self.peft_model(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, **kwargs) -> torch.Tensor:
         return self.peft_model.generate(**kwargs)
@@ -619,7 +633,8 @@ def train_chunk(
     """Score the chunk starting at token `start` of each document in `rows`, then train on it.
 
     The documents' windows are stacked into one batch (a shorter last chunk is padded at the end and its
-    padding never scored nor trained on: causal attention keeps it out of the real tokens). The training
+    padding never scored nor trained on: causal attention keeps it out of the real tokens; compiled, every
+    window is padded to its full length). The training
     loss is the sum of the documents' losses, so each document's gradient is the one it has alone.
     A GRPO loss then runs one GRPO batch on the chunk (one document only; `tokenizer` decodes for the reward).
     Returns per row the `ChunkRecord` fields measured: `targets` (tokens scored), `nll_sum`, `loss`, and
@@ -629,29 +644,36 @@ def train_chunk(
     ends = [min(start + config.chunk_size, documents[row].numel()) for row in rows]
     first, end = max(start, 1), max(ends)
     counts = [row_end - first for row_end in ends]
-    count = end - first
+    # Compiled, every chunk has one shape (each window padded to its full length, the targets to a chunk), so
+    # that one compilation serves the whole text; eager, a chunk reads no more tokens than it has.
+    count = config.chunk_size if config.compile != "off" else end - first
 
-    def stacked(window_start: int) -> torch.Tensor:
+    def stacked(window_start: int, length: int) -> torch.Tensor:
         return torch.stack(
             [
-                F.pad(documents[row][window_start:row_end], (0, end - row_end))
+                F.pad(documents[row][window_start:row_end], (0, length - (row_end - window_start)))
                 for row, row_end in zip(rows, ends, strict=True)
             ]
         ).to(device)
 
-    input_ids = stacked(max(0, start - config.window))
-    targets = stacked(first)
+    def window(previous_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input ids of the chunk with up to `previous_tokens` before it, and the positions of the logits that
+        predict the targets, counted from the input's end (so a prefix put before the input does not move them;
+        given as positions, no slice of the logits is taken, nor filled in backward)."""
+        window_start = max(0, start - previous_tokens)
+        length = previous_tokens + config.chunk_size if config.compile != "off" else end - window_start
+        positions = torch.arange(count, device=device) + (first - 1 - window_start - length)
+        return stacked(window_start, length), positions
+
+    input_ids, positions = window(config.window)
+    targets = stacked(first, count)
     mask = torch.arange(count, device=device) < torch.tensor(counts, device=device).unsqueeze(1)
-    # The logits that predict the targets: the window's last `count + 1` positions but the last (which predicts
-    # a token past the chunk). Given as positions, so that no slice of the logits is taken (nor filled in backward).
-    positions = torch.arange(-(count + 1), -1, device=device)
     teacher_cache: list[torch.Tensor] = []
 
     def teacher() -> torch.Tensor:
         if not teacher_cache:
             with torch.no_grad(), learner.teacher_mode():
-                teacher_ids = stacked(max(0, start - config.teacher_window))
-                teacher_cache.append(learner.logits(teacher_ids, positions))
+                teacher_cache.append(learner.logits(*window(config.teacher_window)))
         return teacher_cache[0]
 
     def inputs(logits: torch.Tensor) -> LossInputs:
