@@ -21,7 +21,8 @@ TFLOP/s, and peak memory to JSON, plus a bar chart of the ratios. Models: random
     python benchmarks/ttt_speed.py --model qwen3-1.7b --dtype bfloat16 --compile reduce-overhead
 
 With `--compile MODE` the forward and every step run through `torch.compile` (the trainer's `--compile`), and
-each also reports its first call with inductor's cache empty (`*_compile_cold_s`) and warm (`*_compile_warm_s`).
+each also reports its first call with inductor's on-disk cache empty (`*_compile_cold_s`: a new cache folder per
+item) and warm (`*_compile_warm_s`: the same compilation again after `torch._dynamo.reset()`).
 """
 
 from __future__ import annotations
@@ -134,11 +135,14 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
             learner.close()
 
     def timed(name: str, function: Callable[[], object]) -> None:
-        """`name`_s: the median call. Compiled, also the first call (`name`_compile_cold_s: compiling with inductor's
-        cache empty) and the first call after dynamo forgot it (`name`_compile_warm_s: the on-disk cache warm)."""
+        """`name`_s: the median call. Compiled, also the first call (`name`_compile_cold_s: compiling into a new,
+        empty on-disk cache; kernels that an earlier item compiled in this process may still come from memory) and
+        the first call after dynamo forgot it (`name`_compile_warm_s: the same compilation, from that cache)."""
         if args.compile == "off":
             row[f"{name}_s"] = median_seconds(function, args.repeats, device)
             return
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")  # read at each compile
         row[f"{name}_compile_cold_s"] = median_seconds(function, 1, device, warm_up=False)
         row[f"{name}_s"] = median_seconds(function, args.repeats, device, warm_up=False)
         torch._dynamo.reset()
@@ -217,8 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
-    if args.compile != "off":  # read when inductor first compiles: a cold cache, whatever this machine compiled before
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")
     device = torch.device(args.device)
     model = build_model(args.model, getattr(torch, args.dtype), args.device)
     results = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -748,8 +749,8 @@ def _trainer_options() -> argparse.ArgumentParser:
         default="off",
         choices=COMPILE_MODES,
         help="run the scored model through torch.compile in this mode (reduce-overhead: CUDA graphs); every chunk "
-        "then has one shape, so one compilation serves the run. Same numbers up to float rounding; pays for its "
-        "compilation (minutes) on a GPU, not on a CPU (README, Speed)",
+        "then has one shape, so one compilation serves the run (one per batch size and for the teacher). Costs "
+        "minutes of compilation; does not pay on a CPU, not yet measured on a GPU (README, Speed)",
     )
     _add_grpo_options(parser.add_argument_group("GRPO of a locas memory (--loss grpo, ntp+grpo)"), "each chunk")
     return parser
@@ -1019,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     from locas.default_model import ModelLoadError
 
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # a CPU training step reuses its freed activations instead of faulting them in again
+    on_cpu = getattr(args, "device", None) is None or torch.device(args.device).type == "cpu"
+    if on_cpu and os.environ.get("LOCAS_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()  # a CPU training step reuses its freed activations instead of faulting them in again
     try:
         with _quiet_transformers():
             args.run(args)

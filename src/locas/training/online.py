@@ -235,6 +235,11 @@ class OnlineConfig:
             raise ValueError(f"steps_per_chunk must be >= 0, got {self.steps_per_chunk}")
         if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
             raise ValueError(f"grow_by must be >= 0 and max_width >= width; got {self.grow_by}, {self.max_width}")
+        if self.compile != "off" and self.grow_by > 0 and self.method == "locas":
+            raise ValueError(
+                f"compile {self.compile!r} with grow_by {self.grow_by}: a growing memory changes shape every chunk, "
+                "and each shape is a new compilation; use compile 'off' to grow the memory"
+            )
         if self.uses_grpo:
             self.grpo_settings()  # ValueError for a bad grpo_ option
 
@@ -644,9 +649,12 @@ def train_chunk(
     ends = [min(start + config.chunk_size, documents[row].numel()) for row in rows]
     first, end = max(start, 1), max(ends)
     counts = [row_end - first for row_end in ends]
-    # Compiled, every chunk has one shape (each window padded to its full length, the targets to a chunk), so
-    # that one compilation serves the whole text; eager, a chunk reads no more tokens than it has.
-    count = config.chunk_size if config.compile != "off" else end - first
+    # Compiled, every chunk has one shape (each window padded to its full length, or to the longest document
+    # if that is shorter; the targets to a chunk), so that one compilation serves the whole text; eager, a chunk
+    # reads no more tokens than it has.
+    compiled = config.compile != "off"
+    count = config.chunk_size if compiled else end - first
+    longest = max(document.numel() for document in documents)
 
     def stacked(window_start: int, length: int) -> torch.Tensor:
         return torch.stack(
@@ -661,8 +669,9 @@ def train_chunk(
         predict the targets, counted from the input's end (so a prefix put before the input does not move them;
         given as positions, no slice of the logits is taken, nor filled in backward)."""
         window_start = max(0, start - previous_tokens)
-        length = previous_tokens + config.chunk_size if config.compile != "off" else end - window_start
-        positions = torch.arange(count, device=device) + (first - 1 - window_start - length)
+        length = min(previous_tokens + config.chunk_size, longest) if compiled else end - window_start
+        # (a padded target past a short window's end reads the last logit: it is masked)
+        positions = (torch.arange(count, device=device) + (first - 1 - window_start - length)).clamp_(max=-1)
         return stacked(window_start, length), positions
 
     input_ids, positions = window(config.window)
@@ -673,7 +682,9 @@ def train_chunk(
     def teacher() -> torch.Tensor:
         if not teacher_cache:
             with torch.no_grad(), learner.teacher_mode():
-                teacher_cache.append(learner.logits(*window(config.teacher_window)))
+                logits = learner.logits(*window(config.teacher_window))
+            # A CUDA graph (compile reduce-overhead) overwrites its outputs at its next run, i.e. the next step's.
+            teacher_cache.append(logits.clone() if compiled else logits)
         return teacher_cache[0]
 
     def inputs(logits: torch.Tensor) -> LossInputs:
