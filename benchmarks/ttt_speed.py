@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from locas.allocator import keep_freed_memory
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.memorize import memorize
 from locas.merge import to_dense
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    kept = device.type == "cpu" and keep_freed_memory()  # as the locas command does on a CPU
     model = build_model(args.model, getattr(torch, args.dtype), args.device)
     results = {
         "model": args.model,
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "rank": args.rank,
         "compile": args.compile,
+        "keep_freed_memory": kept,
         "torch": torch.__version__,
         "windows": [],
     }
