@@ -150,7 +150,7 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         row[f"{name}_compile_warm_s"] = median_seconds(function, 1, device, warm_up=False)
 
     input_ids = documents[0].unsqueeze(0).to(device)
-    forward = model if args.compile == "off" else torch.compile(model, mode=args.compile)
+    forward = make_learner(model, OnlineConfig(method="none", compile=args.compile)).forward_module()
     with torch.no_grad():
         timed("forward", lambda: forward(input_ids=input_ids, use_cache=False, logits_to_keep=chunk + 1))
     step_timer("locas", [0], "locas_step", width=args.rank)

@@ -235,7 +235,7 @@ class OnlineConfig:
             raise ValueError(f"steps_per_chunk must be >= 0, got {self.steps_per_chunk}")
         if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
             raise ValueError(f"grow_by must be >= 0 and max_width >= width; got {self.grow_by}, {self.max_width}")
-        if self.compile != "off" and self.grow_by > 0 and self.method == "locas":
+        if self.compiled and self.grow_by > 0 and self.method == "locas":
             raise ValueError(
                 f"compile {self.compile!r} with grow_by {self.grow_by}: a growing memory changes shape every chunk, "
                 "and each shape is a new compilation; use compile 'off' to grow the memory"
@@ -247,6 +247,11 @@ class OnlineConfig:
     def window(self) -> int:
         """Previous tokens the scored model sees."""
         return self.context_window * (self.long_factor if self.method == "long" else 1)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the scored model runs through `torch.compile` (every chunk then has one shape)."""
+        return self.compile != "off"
 
     @property
     def uses_grpo(self) -> bool:
@@ -381,7 +386,7 @@ class Learner:
 
     def forward_module(self) -> torch.nn.Module:
         """`scored`, compiled on first use under `config.compile` (the memory's hooks are compiled with it)."""
-        if self.config.compile == "off":
+        if not self.config.compiled:
             return self.scored
         if self._compiled is None:
             self._compiled = torch.compile(self.scored, mode=self.config.compile)
@@ -652,8 +657,7 @@ def train_chunk(
     # Compiled, every chunk has one shape (each window padded to its full length, or to the longest document
     # if that is shorter; the targets to a chunk), so that one compilation serves the whole text; eager, a chunk
     # reads no more tokens than it has.
-    compiled = config.compile != "off"
-    count = config.chunk_size if compiled else end - first
+    count = config.chunk_size if config.compiled else end - first
     longest = max(document.numel() for document in documents)
 
     def stacked(window_start: int, length: int) -> torch.Tensor:
@@ -669,7 +673,7 @@ def train_chunk(
         predict the targets, counted from the input's end (so a prefix put before the input does not move them;
         given as positions, no slice of the logits is taken, nor filled in backward)."""
         window_start = max(0, start - previous_tokens)
-        length = min(previous_tokens + config.chunk_size, longest) if compiled else end - window_start
+        length = min(previous_tokens + config.chunk_size, longest) if config.compiled else end - window_start
         # (a padded target past a short window's end reads the last logit: it is masked)
         positions = (torch.arange(count, device=device) + (first - 1 - window_start - length)).clamp_(max=-1)
         return stacked(window_start, length), positions
@@ -684,7 +688,7 @@ def train_chunk(
             with torch.no_grad(), learner.teacher_mode():
                 logits = learner.logits(*window(config.teacher_window))
             # A CUDA graph (compile reduce-overhead) overwrites its outputs at its next run, i.e. the next step's.
-            teacher_cache.append(logits.clone() if compiled else logits)
+            teacher_cache.append(logits.clone() if config.compiled else logits)
         return teacher_cache[0]
 
     def inputs(logits: torch.Tensor) -> LossInputs:
