@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from locas.allocator import keep_freed_memory
+from locas.allocator import keep_freed_memory_on_request
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.memorize import memorize
 from locas.merge import to_dense
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    kept = device.type == "cpu" and keep_freed_memory()  # as the locas command does on a CPU
+    kept = device.type == "cpu" and keep_freed_memory_on_request()  # as the locas command does on a CPU
     model = build_model(args.model, getattr(torch, args.dtype), args.device)
     results = {
         "model": args.model,

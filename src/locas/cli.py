@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -1016,13 +1015,12 @@ def _quiet_transformers():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from locas.allocator import keep_freed_memory
+    from locas.allocator import keep_freed_memory_on_request
     from locas.default_model import ModelLoadError
 
     args = build_parser().parse_args(argv)
-    on_cpu = getattr(args, "device", None) is None or torch.device(args.device).type == "cpu"
-    if on_cpu and os.environ.get("LOCAS_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()  # a CPU training step reuses its freed activations instead of faulting them in again
+    if getattr(args, "device", None) is None or torch.device(args.device).type == "cpu":
+        keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
     try:
         with _quiet_transformers():
             args.run(args)
