@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from locas.attention import keys_and_values_per_query_head
 from locas.model import token_nll
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ def train_on_windows(
         for row in range(input_ids.shape[0]):
             ids = input_ids[row : row + 1].to(model.device)
             mask = attention_mask[row : row + 1].to(model.device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with keys_and_values_per_query_head(model.device):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = token_nll(logits, ids, mask).sum()
             (loss / predicted).backward()
             total += loss.item()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from locas.attention import keys_and_values_per_query_head
 from locas.data import window_prefix
 from locas.families import family_of
 from locas.memorize import MEMORY_INITS, memorize
@@ -382,7 +383,9 @@ class Learner:
     def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions, or of the positions in a 1-D tensor `keep` (negative: from the end);
         row i of `input_ids` belongs to document `rows[i]`."""
-        return self.forward_module()(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep).logits
+        with keys_and_values_per_query_head(input_ids.device):
+            output = self.forward_module()(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep)
+        return output.logits
 
     def forward_module(self) -> torch.nn.Module:
         """`scored`, compiled on first use under `config.compile` (the memory's hooks are compiled with it)."""
