@@ -335,14 +335,17 @@ def test_half_precision_checkpoint_loads_in_float32_on_cpu(
     folder, original = tiny_dir
     tiny_tokenizer().save_pretrained(folder)
     original.to(torch.bfloat16).save_pretrained(folder)
-    model, _ = load_model(str(folder))  # auto on a CPU: float32, the bf16 values exactly
-    assert model.dtype == torch.float32
-    for name, tensor in original.state_dict().items():
-        assert torch.equal(model.state_dict()[name], tensor.float()), name
+    for device in (None, "cpu", torch.device("cpu")):
+        model, _ = load_model(str(folder), device=device)  # auto on a CPU: float32, the bf16 values exactly
+        assert model.dtype == torch.float32
+        for name, tensor in original.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor.float()), name
     kept, _ = load_model(str(folder), dtype=torch.bfloat16)
     assert kept.dtype == torch.bfloat16
     elsewhere, _ = load_model(str(folder), device="meta")  # not a CPU: the checkpoint's dtype
     assert elsewhere.dtype == torch.bfloat16
+    original.to(torch.float16).save_pretrained(folder)
+    assert load_model(str(folder))[0].dtype == torch.float32
 
 
 def test_local_directory_without_tokenizer(tiny_dir: tuple[Path, LlamaForCausalLM], offline: None) -> None:

@@ -66,11 +66,13 @@ def test_every_condition_writes_results_a_chart_memories_and_tables(files: dict,
     results, out, stdout = full_run["results"], full_run["out"], full_run["stdout"]
     assert results["conditions"] == CONDITIONS  # --with-context added each twin after its condition
     settings = results["settings"]
-    assert {key: settings[key] for key in ("data", "context_mode", "model", "dtype", "device", "world_size")} == {
+    keys = ("data", "context_mode", "model", "dtype", "weights_dtype", "device", "world_size")
+    assert {key: settings[key] for key in keys} == {
         "data": str(files["data"]),
         "context_mode": "date_split",
         "model": str(files["model"]),
         "dtype": "auto",
+        "weights_dtype": "float32",
         "device": "cpu",
         "world_size": 1,
     }

@@ -155,7 +155,8 @@ def test_method_labels_set_the_method_and_the_locas_init() -> None:
 
 def test_eval_pg19_writes_results_and_a_plot(files: dict, full_run: dict) -> None:
     results, out = full_run["results"], full_run["out"]
-    settings = {"model": str(files["model"]), "dtype": "auto", "max_tokens": 96, "device": "cpu", "world_size": 1}
+    settings = {"model": str(files["model"]), "dtype": "auto", "max_tokens": 96, "weights_dtype": "float32"}
+    settings.update(device="cpu", world_size=1)
     assert results["settings"] == settings
     assert list(results["methods"]) == ["none", "locas", "lora"]
     lora = results["methods"]["lora"]
@@ -308,6 +309,20 @@ def test_saved_state_of_other_settings_is_refused(full_run: dict, flags: list[st
     assert code == 2
     error_line(err, "eval pg19", *fragments)
     assert {p.name: p.stat().st_mtime_ns for p in state.iterdir()} == before
+
+
+def test_saved_state_in_another_weights_dtype_is_refused(full_run: dict, capsys) -> None:
+    """`--dtype auto` loads by device (float32 on a CPU): a run saved where auto gave bfloat16 must not resume."""
+    saved = full_run["out"].with_suffix(".state") / "settings.json"
+    original = saved.read_text()
+    try:
+        saved.write_text(original.replace('"weights_dtype": "float32"', '"weights_dtype": "bfloat16"'))
+        assert saved.read_text() != original
+        code, _, err = run(capsys, *full_run["argv"])
+        assert code == 2
+        error_line(err, "eval pg19", "other settings", "weights_dtype bfloat16 -> float32", "delete it")
+    finally:
+        saved.write_text(original)
 
 
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------------

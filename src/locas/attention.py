@@ -10,11 +10,17 @@ results differ by rounding only, in the order the key/value gradients are summed
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers import PreTrainedModel
 from transformers.integrations import sdpa_attention
+
+_lock = threading.Lock()
+_users = 0  # contexts open now, in any thread; the switch is undone when the last one closes
+_original = None
 
 
 def _never(*args, **kwargs) -> bool:  # one object, so that a compiled forward keeps one guard on it
@@ -22,15 +28,28 @@ def _never(*args, **kwargs) -> bool:  # one object, so that a compiled forward k
 
 
 @contextmanager
-def keys_and_values_per_query_head(device: torch.device) -> Iterator[None]:
-    """While training on CPU (gradients on), sdpa attention repeats grouped keys and values per query head;
-    elsewhere (a GPU, no gradients, a transformers without this switch) nothing changes."""
-    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
-    if torch.device(device).type != "cpu" or not torch.is_grad_enabled() or original is None:
+def keys_and_values_per_query_head(model: PreTrainedModel) -> Iterator[None]:
+    """While `model` (in eval mode, on a CPU) runs with gradients on, sdpa attention repeats grouped keys and
+    values per query head. Elsewhere nothing changes: a GPU, no gradients, a model in training mode (whose
+    gradient checkpointing would recompute the forward outside this context), a transformers without the switch."""
+    global _users, _original
+    if (
+        model.device.type != "cpu"
+        or model.training
+        or not torch.is_grad_enabled()
+        or not hasattr(sdpa_attention, "use_gqa_in_sdpa")
+    ):
         yield
         return
-    sdpa_attention.use_gqa_in_sdpa = _never
+    with _lock:
+        if _users == 0:
+            _original = sdpa_attention.use_gqa_in_sdpa
+            sdpa_attention.use_gqa_in_sdpa = _never
+        _users += 1
     try:
         yield
     finally:
-        sdpa_attention.use_gqa_in_sdpa = original
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                sdpa_attention.use_gqa_in_sdpa = _original

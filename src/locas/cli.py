@@ -131,6 +131,11 @@ def _load(args, device: str | None = None):
     return load_model(args.model, dtype=dtype, device=device or args.device)
 
 
+def _weights_dtype(model) -> str:
+    """The dtype the weights were loaded in, for results and resume checks (`--dtype auto` depends on the device)."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 def _read_memory(path: str) -> Memory:
     """The memory file, read before the model is loaded so that a wrong path fails fast."""
     from locas.memory import Memory
@@ -374,6 +379,7 @@ def command_eval_pg19(args) -> None:
     settings = {"model": args.model or "default", "dtype": args.dtype, "max_tokens": args.max_tokens}
     with process_group(args.device) as (ranks, device):
         model, tokenizer = _load(args, device)
+        settings["weights_dtype"] = _weights_dtype(model)
         books = [pg19.read_book(path, tokenizer, args.max_tokens, args.chunk_size) for path in args.books]
         results = pg19.evaluate(
             model,
@@ -446,6 +452,7 @@ def command_eval_locomo(args) -> None:
     }
     with process_group(args.device) as (ranks, device):
         model, tokenizer = _load(args, device)
+        run_info["weights_dtype"] = _weights_dtype(model)
         results = locomo.evaluate_locomo(
             model, tokenizer, conversations, names, training, settings, output_dir=out, run_info=run_info, ranks=ranks
         )
@@ -517,7 +524,8 @@ def command_eval_mmlu(args) -> None:
     model, tokenizer = _load(args)
     with ExitStack() as stack:
         results = mmlu.score_mmlu(_scored_model(stack, model, memory, adapter), tokenizer, subjects)
-    settings = {"model": args.model or "default", "dtype": args.dtype, "memory": args.memory, "adapter": args.adapter}
+    settings = {"model": args.model or "default", "dtype": args.dtype, "weights_dtype": _weights_dtype(model)}
+    settings.update(memory=args.memory, adapter=args.adapter)
     write_json({"settings": {**settings, "directory": args.directory}, **results}, out)
     print(mmlu.format_table(results))
     print(f"wrote {out}")
@@ -553,7 +561,8 @@ def command_eval_forgetting(args) -> None:
         save_every=args.save_every,
     )
     folder, shots = (None, None) if args.no_mmlu else (args.mmlu, args.shots)
-    settings = {"model": args.model or "default", "dtype": args.dtype, "mmlu": folder, "shots": shots}
+    settings = {"model": args.model or "default", "dtype": args.dtype, "weights_dtype": _weights_dtype(model)}
+    settings.update(mmlu=folder, shots=shots)
     settings.update(max_tokens=args.max_tokens, probe_tokens=args.probe_tokens, probe_window=args.probe_window)
     pg19.write_json({"settings": settings, **results}, out)
     print(forgetting.format_summary(results))

@@ -42,7 +42,7 @@ def train_on_windows(
         for row in range(input_ids.shape[0]):
             ids = input_ids[row : row + 1].to(model.device)
             mask = attention_mask[row : row + 1].to(model.device)
-            with keys_and_values_per_query_head(model.device):
+            with keys_and_values_per_query_head(model.model):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = token_nll(logits, ids, mask).sum()
             (loss / predicted).backward()

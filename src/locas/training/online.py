@@ -383,7 +383,7 @@ class Learner:
     def logits(self, input_ids: torch.Tensor, keep: int | torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions, or of the positions in a 1-D tensor `keep` (negative: from the end);
         row i of `input_ids` belongs to document `rows[i]`."""
-        with keys_and_values_per_query_head(input_ids.device):
+        with keys_and_values_per_query_head(self.model):
             output = self.forward_module()(input_ids=self.prefixed(input_ids), use_cache=False, logits_to_keep=keep)
         return output.logits
 
