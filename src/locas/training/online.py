@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -548,7 +549,9 @@ class LoraLearner(Learner):
             target_modules=list(targets),
             fan_in_fan_out=family.lora_fan_in_fan_out,
         )
-        with torch.random.fork_rng(devices=[]):  # the adapter's A matrices are random: seed them, not the caller
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the A matrices are random: seed them
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning in every LoRA run
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             torch.manual_seed(config.seed)
             self.peft_model = get_peft_model(model, lora_config)
         self.scored = self.peft_model
