@@ -119,17 +119,26 @@ def test_memorize_writes_a_memory_and_the_loss_goes_down(files: dict) -> None:
     assert [p.name for p in files["memory"].parent.iterdir() if p.name.endswith(".partial")] == []
 
 
+def test_memorize_never_overwrites_a_memory(files: dict, capsys) -> None:
+    before = files["memory"].read_bytes()
+    code, _, err = run(capsys, "memorize", files["text"], "--model", files["base"], "--out", files["memory"])
+    assert code == 2 and "exists and a memory is never overwritten" in err
+    assert files["memory"].read_bytes() == before
+
+
 def test_memorize_tau_rule_output_measures_tau_on_the_text(files: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "output.safetensors"
     argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW]
     code, _, err = run(capsys, *argv, "--tau-rule", "output", "--output-ratio", "0.5")
     assert code == 0, err
-    memory, paper = Memory.load(out), Memory.load(files["memory"])
+    memory, default = Memory.load(out), Memory.load(files["memory"])
     assert (memory.metadata["tau_rule"], memory.metadata["output_ratio"]) == ("output", 0.5)
-    assert paper.metadata["tau_rule"] == "paper" and not torch.allclose(memory.tau, paper.tau)
+    assert (default.metadata["tau_rule"], default.metadata["output_ratio"]) == ("output", 0.1)  # eval's default
+    torch.testing.assert_close(memory.tau, default.tau * 5)  # the scale is the ratio times the measured output
+    out.unlink()
     code, _, err = run(capsys, *argv, "--tau-rule", "output", "--output-ratio", "-1")
     assert code == 2 and "--output-ratio" in err
-    code, _, err = run(capsys, *argv, "--output-ratio", "0.5")  # the default rule, paper, would ignore it
+    code, _, err = run(capsys, *argv, "--tau-rule", "paper", "--output-ratio", "0.5")  # paper would ignore it
     assert code == 2 and "add --tau-rule output or drop --output-ratio" in err
 
 
@@ -479,6 +488,12 @@ def test_bad_memorize_flags_exit_2_before_doing_anything(
     assert code == 2 and out == ""
     usage_error(err, "memorize", *fragments)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_negative_temperature_is_refused(files: dict, capsys) -> None:
+    code, out, err = run(capsys, "generate", "Hello", "--model", files["base"], "--temperature", "-1")
+    assert code == 2 and out == ""
+    usage_error(err, "generate", "argument --temperature", "must be a number >= 0, got -1.0")
 
 
 def test_missing_required_flags(files: dict, capsys) -> None:

@@ -308,7 +308,7 @@ def test_every_condition_end_to_end_and_memories_are_saved_then_reloaded(model, 
     assert again["conversations"]["conv-test"]["training"]["locas"]["loaded"]
     assert again["conversations"]["conv-test"]["training"]["lora"]["loaded"]
     assert [r["prediction"] for r in again["predictions"]] == [r["prediction"] for r in results["predictions"]]
-    with pytest.raises(ValueError, match="trained with other settings"):
+    with pytest.raises(ValueError, match=r"trained with other settings \(lr 0\.\d+ -> 0\.02\)"):
         evaluate_locomo(
             model,
             tokenizer,

@@ -172,8 +172,8 @@ def test_ctrl_c_exits_130_and_keeps_the_memories_trained_so_far(
     code, stdout, err = run(capsys, *argv, *TINY, "--out", out)
     assert code == 130 and stdout == ""
     assert err.strip().splitlines()[-1] == (
-        "locas eval locomo: interrupted; memories and adapters trained so far are kept in OUT/memories "
-        "and OUT/adapters; run the same command to reuse them"
+        "locas eval locomo: interrupted; the memories and adapters of the conversations finished so far are in "
+        f"{out / 'memories'} and {out / 'adapters'}; run the same command to reuse them"
     )
     assert [p.name for p in (out / "memories").iterdir()] == ["conv-a.safetensors"]
     assert not (out / "results.json").exists() and not (out / "adapters").exists()

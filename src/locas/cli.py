@@ -212,6 +212,8 @@ def command_memorize(args) -> None:
 
     out = Path(args.out)
     _check_output_path(out, ".safetensors")
+    if out.exists():
+        raise CommandError(f"--out {str(out)!r} exists and a memory is never overwritten; delete it or choose another")
     objective = _online_config(args)  # --loss and the --grpo-* options: what --train-steps trains
     grpo = objective.grpo_settings() if args.train_steps and objective.uses_grpo else None
     text = read_text(args.text_file)
@@ -606,10 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     memorize.add_argument("--init", default="highest", choices=MEMORY_INITS)
     memorize.add_argument(
         "--tau-rule",
-        default="paper",
+        default="output",
         choices=TAU_RULES,
         help="output scale of the slots: paper (mean backbone output norm / width), neuron (mean norm per slot) or "
-        "output (--output-ratio x each layer's MLP output, measured on the text) (default: %(default)s)",
+        "output (--output-ratio x each layer's MLP output, measured on the text) (default: %(default)s, as the "
+        "default preset of eval)",
     )
     memorize.add_argument(
         "--output-ratio",
@@ -643,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--memory", default=None)
     generate.add_argument("--max-new-tokens", type=positive_int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     generate.set_defaults(run=command_generate)
 
@@ -873,13 +876,15 @@ def _add_eval_pg19(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
     pg19.set_defaults(
         run=command_eval_pg19,
         command="eval pg19",
-        interrupted="the state so far is in OUT.state/ (saved every --save-every chunks); "
-        "run the same command to resume",
+        interrupted=lambda args: (
+            f"the state so far is in {Path(args.out).with_suffix('.state')}/ (saved every "
+            "--save-every chunks); run the same command to resume"
+        ),
     )
 
 
 LOCOMO_DESCRIPTION = """\
-LoCoMo long-dialogue QA (method.md, section 5): each conversation is rendered session by session in date
+LoCoMo long-dialogue QA (the paper's protocol): each conversation is rendered session by session in date
 order (--context-mode date_split) and its questions are answered greedily under each --method condition:
 
   none        the question alone (the "No Cxt" floor)       full        the dialogue in the prompt
@@ -939,8 +944,10 @@ def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None
     locomo.set_defaults(
         run=command_eval_locomo,
         command="eval locomo",
-        interrupted="memories and adapters trained so far are kept in OUT/memories and OUT/adapters; "
-        "run the same command to reuse them",
+        interrupted=lambda args: (
+            f"the memories and adapters of the conversations finished so far are in "
+            f"{Path(args.out) / 'memories'} and {Path(args.out) / 'adapters'}; run the same command to reuse them"
+        ),
     )
 
 
@@ -973,7 +980,7 @@ def _add_eval_mmlu(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
 
 
 FORGETTING_DESCRIPTION = """\
-Forgetting (method.md, "MMLU forgetting"): train a Locas memory (--method locas) or a TempLoRA adapter
+Forgetting (the paper's MMLU forgetting protocol): train a Locas memory (--method locas) or a TempLoRA adapter
 (--method lora) online over BOOK with the trainer options below, then measure MMLU accuracy (as `eval mmlu`)
 and the perplexity of --probe texts the memory never saw (each one's first --probe-tokens tokens, in
 windows of --probe-window tokens scored on their own), with the memory and without it; --no-mmlu measures
@@ -1009,8 +1016,10 @@ def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> 
     forgetting.set_defaults(
         run=command_eval_forgetting,
         command="eval forgetting",
-        interrupted="the training so far is saved in OUT.state.pt (every --save-every chunks); "
-        "run the same command to resume",
+        interrupted=lambda args: (
+            f"the training so far is saved in {Path(args.out).with_suffix('.state.pt')} "
+            "(every --save-every chunks); run the same command to resume"
+        ),
     )
 
 
@@ -1043,9 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locas {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(
-            f"locas {args.command}: interrupted; {getattr(args, 'interrupted', 'nothing was written')}", file=sys.stderr
-        )
+        kept = args.interrupted(args) if hasattr(args, "interrupted") else "nothing was written"
+        print(f"locas {args.command}: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -49,7 +49,7 @@ from locas.evaluation.pg19 import save_figure, write_json
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
 from locas.model import LocasModel, encode_prefix
-from locas.training.online import OnlineConfig, OnlineResult, run_online, same_settings, trained
+from locas.training.online import OnlineConfig, OnlineResult, run_online, same_settings, settings_changes, trained
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 OFFICIAL_COUNTS = {1: 282, 2: 321, 3: 96, 4: 841, 5: 446}
@@ -335,7 +335,8 @@ def _config_record(config: OnlineConfig) -> dict:
 
 def _check_saved_config(saved: dict | None, config: OnlineConfig, path: Path) -> None:
     if not same_settings(saved, OnlineConfig(**_config_record(config))):  # both as read back from a file
-        raise ValueError(f"{path} was trained with other settings ({saved}); delete it or choose another output folder")
+        changes = settings_changes(saved, config) if isinstance(saved, dict) else "no settings saved"
+        raise ValueError(f"{path} was trained with other settings ({changes}); delete it or choose another output")
 
 
 def learn_dialogue(

@@ -260,6 +260,7 @@ def run_books(
             }
             write_json(row, stems[book.name].with_name(stems[book.name].name + ".json"))
             rows[book.name] = row
+        state.unlink(missing_ok=True)  # every pending book's row is written: the training state is not needed
     return [rows[book.name] for book in books]
 
 
