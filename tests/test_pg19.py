@@ -285,6 +285,19 @@ def test_an_interrupted_evaluation_resumes_to_the_same_numbers(
         assert resumed["aggregate"][label]["ppl"] == method_summary["ppl"]
 
 
+def test_the_table_without_none_shows_no_ratio(full_run: dict) -> None:
+    results = full_run["results"]
+    rows = [row for methods in results["books"].values() for label, row in methods.items() if label != "none"]
+    table = pg19.format_table({"books": {}, "aggregate": pg19.aggregate(rows)})
+    assert "nan" not in table
+    for label in ("locas", "lora"):
+        (line,) = [line for line in table.splitlines() if line.split()[:1] == [label]]
+        assert line.split()[6] == "-", line  # the "x none" column
+    with_none = pg19.format_table(results)
+    (line,) = [line for line in with_none.splitlines() if line.split()[:1] == ["none"]]
+    assert line.split()[6] == "1.00"
+
+
 def test_a_finished_evaluation_run_again_only_rewrites_the_results(full_run: dict, monkeypatch, capsys) -> None:
     spy = Spy(monkeypatch)
     code, stdout, _ = run(capsys, *full_run["argv"])
@@ -348,6 +361,7 @@ def test_saved_state_in_another_weights_dtype_is_refused(full_run: dict, capsys)
         (["{empty}"], ["--method", "none"], ["{empty}", "is empty"], True),
         (["{same_name}"], ["--method", "none"], ["{a}", "{same_name}", "have the same name"], True),
         (["{c}"], ["--method", "none"], ["{c}", "has 3 tokens, fewer than one chunk of 16"], False),
+        ([], ["--method", "lora", "--lora-targets", "bogus_proj"], ["bogus_proj"], False),  # refused by the learner
     ],
 )
 def test_refusals_are_one_line(

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -288,23 +289,29 @@ def evaluate(
     Other ranks return None and write only their pairs' state.
     """
     folder = state_folder(out)
+    new_folder = not folder.exists()
     open_state_folder(folder, settings)
     share = list(ranks.share(books))
     rows = []
-    for label, config in methods.items():
-        size = 1 if config.method == "lora" or config.uses_grpo else batch_books
-        for first in range(0, len(share), size):
-            rows += run_books(
-                model,
-                tokenizer,
-                share[first : first + size],
-                label,
-                config,
-                folder,
-                save_every=save_every,
-                progress=progress,
-                rank=ranks.rank,
-            )
+    try:
+        for label, config in methods.items():
+            size = 1 if config.method == "lora" or config.uses_grpo else batch_books
+            for first in range(0, len(share), size):
+                rows += run_books(
+                    model,
+                    tokenizer,
+                    share[first : first + size],
+                    label,
+                    config,
+                    folder,
+                    save_every=save_every,
+                    progress=progress,
+                    rank=ranks.rank,
+                )
+    except BaseException:  # a refusal (or a stop) before anything was saved leaves no state folder behind
+        if new_folder and [path.name for path in folder.iterdir()] == ["settings.json"]:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     by_pair = {(row["book"], row["method"]): row for row in ranks.gather(rows)}
     if not ranks.is_main:
         return None
@@ -398,10 +405,10 @@ def format_table(results: dict) -> str:
     ]
     for label, method in results["aggregate"].items():
         at_marks = {m["mark"]: m["ppl"] for m in method["ppl_at_marks"]}
-        vs_none = method.get("seconds_vs_none", math.nan)
+        vs_none = f"{method['seconds_vs_none']:>7.2f}" if "seconds_vs_none" in method else f"{'-':>7}"
         lines.append(
             f"{'':<12} {label:<20} {method['tokens']:>8} {method['ppl']:>9.3f} {method['bits_per_byte']:>9.4f} "
-            f"{method['mean_book_ppl']:>12.3f} {method['seconds']:>9.1f} {vs_none:>7.2f} "
+            f"{method['mean_book_ppl']:>12.3f} {method['seconds']:>9.1f} {vs_none} "
             f"{method['peak_memory']['bytes'] / 2**20:>9.0f}"
             + "".join(f" {at_marks[m]:>9.3f}" if m in at_marks else f" {'-':>9}" for m in marks)
         )
