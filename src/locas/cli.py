@@ -597,15 +597,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     text_options = argparse.ArgumentParser(add_help=False)
     text_options.add_argument("text_file", help="UTF-8 text file")
-    text_options.add_argument("--max-tokens", type=at_least_two, default=4096, help="use the first N tokens")
-    text_options.add_argument("--window", type=at_least_two, default=1024, help="tokens per forward window")
+    text_options.add_argument(
+        "--max-tokens", type=at_least_two, default=4096, help="use the first N tokens (default: %(default)s)"
+    )
+    text_options.add_argument(
+        "--window", type=at_least_two, default=1024, help="tokens per forward window (default: %(default)s)"
+    )
 
     memorize = commands.add_parser(
         "memorize", parents=[model_options, text_options], help="memorize a text into a memory file"
     )
     memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
-    memorize.add_argument("--width", type=positive_int, default=64, help="memory slots per layer")
-    memorize.add_argument("--init", default="highest", choices=MEMORY_INITS)
+    memorize.add_argument(
+        "--width", type=positive_int, default=64, help="memory slots per layer (default: %(default)s)"
+    )
+    memorize.add_argument("--init", default="highest", choices=MEMORY_INITS, help="(default: %(default)s)")
     memorize.add_argument(
         "--tau-rule",
         default="output",
@@ -633,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what --train-steps trains: ntp (next-token loss on the text), grpo (recalling passages of the text, "
         "rewarded by token F1) or ntp+grpo",
     )
-    memorize.add_argument("--lr", type=positive_float, default=4e-3)
+    memorize.add_argument(
+        "--lr", type=positive_float, default=4e-3, help="--train-steps learning rate (default: %(default)s)"
+    )
     memorize.add_argument("--seed", type=int, default=0, help="random inits and GRPO's prompts and samples")
     _add_grpo_options(memorize.add_argument_group("GRPO (--loss grpo, ntp+grpo)"), "each step")
     memorize.set_defaults(run=command_memorize)
