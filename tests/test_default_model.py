@@ -329,6 +329,17 @@ def test_local_directory_loads(tiny_dir: tuple[Path, LlamaForCausalLM], offline:
     assert half.dtype == torch.bfloat16
 
 
+def test_a_relative_path_is_recorded_absolute(
+    tiny_dir: tuple[Path, LlamaForCausalLM], offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory names its base model by `_name_or_path`: a relative one would mean nothing from another folder."""
+    folder, _ = tiny_dir
+    tiny_tokenizer().save_pretrained(folder)
+    monkeypatch.chdir(folder.parent)
+    model, _ = load_model(f"./{folder.name}")
+    assert model.config._name_or_path == str(folder.resolve())
+
+
 def test_half_precision_checkpoint_loads_in_float32_on_cpu(
     tiny_dir: tuple[Path, LlamaForCausalLM], offline: None
 ) -> None:

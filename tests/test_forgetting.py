@@ -220,6 +220,7 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
 
     code, _, err = run(capsys, *argv)  # the finished training is reused: the same numbers
     assert code == 0, err
+    assert f"finished earlier, read from {out.with_suffix('.state.pt')}\n" in err
     assert json.loads(out.read_text(encoding="utf-8"))["deltas"] == deltas
 
 

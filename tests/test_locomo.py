@@ -275,7 +275,7 @@ def check_results(results, conditions, questions):
         assert record["official"] in (0.0, 1.0) if record["category"] == 5 else record["official"] == record["score"]
 
 
-def test_every_condition_end_to_end_and_memories_are_saved_then_reloaded(model, tokenizer, tmp_path):
+def test_every_condition_end_to_end_and_memories_are_saved_then_reloaded(model, tokenizer, tmp_path, capsys):
     conversations = [parse_conversation(synthetic())]
     results = evaluate_locomo(
         model, tokenizer, conversations, CONDITIONS, TRAINING, SETTINGS, output_dir=tmp_path, progress=False
@@ -303,8 +303,11 @@ def test_every_condition_end_to_end_and_memories_are_saved_then_reloaded(model, 
         TRAINING,
         dataclasses.replace(SETTINGS, reuse_prefix=False),
         output_dir=tmp_path,
-        progress=False,
+        progress=True,
     )
+    err = capsys.readouterr().err
+    for method, file in (("locas", "memories/conv-test.safetensors"), ("lora", "adapters/conv-test.pt")):
+        assert f"conv-test {method}: trained earlier, read from {tmp_path / file}\n" in err
     assert again["conversations"]["conv-test"]["training"]["locas"]["loaded"]
     assert again["conversations"]["conv-test"]["training"]["lora"]["loaded"]
     assert [r["prediction"] for r in again["predictions"]] == [r["prediction"] for r in results["predictions"]]

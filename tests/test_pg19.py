@@ -271,8 +271,11 @@ def test_an_interrupted_evaluation_resumes_to_the_same_numbers(
     assert (out.with_suffix(".state") / "a.none.json").exists()
 
     spy = Spy(monkeypatch)
-    code, _, _ = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 0
+    state = out.with_suffix(".state")
+    assert f"a none: finished earlier, read from {state / 'a.none.json'}\n" in err
+    assert f"a {method}: resuming after chunk 2 of 6 from {state / f'a.{method}.pt'}\n" in err
     assert f"a {method}" in spy.chunks and "a none" not in spy.chunks  # the finished pair is not run again
     assert spy.chunks[f"a {method}"] == [2, 3, 4, 5]  # resumed after the last saved chunk
     resumed, uninterrupted = json.loads(out.read_text()), full_run["results"]

@@ -699,8 +699,9 @@ def _trainer_options() -> argparse.ArgumentParser:
         default="default",
         choices=PRESETS,
         help="each method's hyperparameters for the options not given: paper (the paper's Locas, TempLoRA's "
-        "published defaults) or default (from the PG-19 sweep on development books: TempLoRA's best point, Locas's "
-        "best on both embedded models: the paper's settings with --tau-rule output)",
+        "published defaults) or default (from the PG-19 sweep on development books: TempLoRA's best point; Locas: "
+        "the paper's settings with --tau-rule output --output-ratio 0.1, the one scale that does well on both "
+        "embedded models)",
     )
     options.add_argument(
         "--chunk-size", type=at_least_two, default=1024, help="tokens scored, then trained on, at a time"

@@ -275,6 +275,8 @@ def load_model(
     """
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path).strip()
     path = Path(name).expanduser()
+    if path.exists():  # a memory's metadata names its base model by this path: absolute, it reads from anywhere
+        path = path.resolve()
 
     if name.lower() == "default" or name.lower() in EMBEDDED_MODELS:
         model, tokenizer = _from_pretrained(_ensure_cache(embedded_model(name)), dtype)

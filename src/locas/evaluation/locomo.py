@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -356,7 +357,10 @@ def learn_dialogue(
     config = training_config(base, method, dialogue_ids.numel())
     store = None if store is None else Path(store)
     if store is not None and store.exists():
-        return _load_learned(store, method, config)
+        learned = _load_learned(store, method, config)
+        if progress:
+            tqdm.write(f"{description or method}: trained earlier, read from {store}", sys.stderr)
+        return learned
     result = run_online(model, dialogue_ids, config, progress=progress, description=description, tokenizer=tokenizer)
     stats = {
         "tokens": result.tokens,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.data import read_text
@@ -206,6 +207,25 @@ def open_state_folder(folder: Path, settings: dict) -> None:
     write_json(settings, saved)
 
 
+def _row_path(folder: Path, book: Book, label: str) -> Path:
+    return folder / f"{book.name}.{label.replace(':', '-')}.json"
+
+
+def finished_row(folder: Path, book: Book, label: str, config: OnlineConfig) -> dict | None:
+    """The saved metrics of a finished (book, method) pair, None if it has not finished; ValueError when it ran
+    with other settings than `config`."""
+    path = _row_path(folder, book, label)
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text(encoding="utf-8"))
+    if not same_settings(row["config"], config):
+        raise ValueError(
+            f"the finished run in {path} used other settings ({settings_changes(row['config'], config)}); "
+            "delete it or choose another output"
+        )
+    return row
+
+
 def run_books(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -220,18 +240,15 @@ def run_books(
 ) -> list[dict]:
     """The metrics of `label` on each of `books`: read from `folder` for finished pairs; the others run
     together in one batch (`run_online_batch`, resuming their saved state)."""
-    stems = {book.name: folder / f"{book.name}.{label.replace(':', '-')}" for book in books}
     rows = {}
     for book in books:
-        finished = stems[book.name].with_name(stems[book.name].name + ".json")
-        if finished.exists():
-            row = json.loads(finished.read_text(encoding="utf-8"))
-            if not same_settings(row["config"], config):
-                raise ValueError(
-                    f"the finished run in {finished} used other settings "
-                    f"({settings_changes(row['config'], config)}); delete it or choose another output"
-                )
+        row = finished_row(folder, book, label, config)
+        if row is not None:
             rows[book.name] = row
+            if progress:
+                tqdm.write(
+                    f"{book.name} {label}: finished earlier, read from {_row_path(folder, book, label)}", sys.stderr
+                )
     pending = [book for book in books if book.name not in rows]
     if pending:
         if model.device.type == "cuda":
@@ -259,7 +276,7 @@ def run_books(
                 "rank": rank,
                 "config": dataclasses.asdict(result.config),
             }
-            write_json(row, stems[book.name].with_name(stems[book.name].name + ".json"))
+            write_json(row, _row_path(folder, book, label))
             rows[book.name] = row
         state.unlink(missing_ok=True)  # every pending book's row is written: the training state is not needed
     return [rows[book.name] for book in books]
@@ -294,6 +311,9 @@ def evaluate(
     share = list(ranks.share(books))
     rows = []
     try:
+        for label, config in methods.items():  # refuse other settings before anything runs
+            for book in share:
+                finished_row(folder, book, label, config)
         for label, config in methods.items():
             size = 1 if config.method == "lora" or config.uses_grpo else batch_books
             for first in range(0, len(share), size):

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -875,6 +876,9 @@ def run_online_batch(
 
         num_chunks = max(len(s) for s in spans)
         done = max(len(result.records) for result in results)
+        if done and progress:
+            where = "finished earlier, read" if done == num_chunks else f"resuming after chunk {done} of {num_chunks}"
+            tqdm.write(f"{description or 'run'}: {where} from {state_path}", sys.stderr)
         with tqdm(total=num_chunks, initial=done, desc=description, unit="chunk", disable=not progress) as bar:
             for index in range(done, num_chunks):
                 started = time.perf_counter()
