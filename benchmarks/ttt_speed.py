@@ -109,6 +109,32 @@ def forward_flops(model, tokens: int, kept: int) -> float:
     return 2.0 * decoder * tokens + attention + 2.0 * kept * embedding.numel()
 
 
+def time_by_kind(function: Callable[[], object], device: torch.device) -> dict:
+    """Seconds of one call spent in each kind of op (torch.profiler, self time on the device that ran it):
+    matmuls, attention (sdpa's kernels), attention backward, everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    kinds = {"matmul": 0.0, "attention": 0.0, "attention_backward": 0.0, "other": 0.0}
+    for event in profiler.key_averages():
+        name = event.key
+        if name.startswith("aten::") and "attention" in name:
+            kind = "attention_backward" if "backward" in name else "attention"
+        elif name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"):
+            kind = "matmul"
+        elif name.startswith("aten::"):
+            kind = "other"
+        else:
+            continue  # autograd and profiler bookkeeping: their ops are counted by name
+        seconds = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        kinds[kind] += seconds / 1e6
+    return kinds
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -141,6 +167,8 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         the first call after dynamo forgot it (`name`_compile_warm_s: the same compilation, from that cache)."""
         if args.compile == "off":
             row[f"{name}_s"] = median_seconds(function, args.repeats, device)
+            if args.breakdown and name in ("forward", "locas_step"):
+                row[f"{name}_by_kind_s"] = time_by_kind(function, device)
             return
         torch._dynamo.reset()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")  # read at each compile
@@ -174,6 +202,12 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         locas_model.detach()
     row["locas_over_forward"] = row["locas_step_s"] / row["forward_s"]
     row["lora_over_locas"] = row["lora_step_s"] / row["locas_step_s"]
+    if args.breakdown and args.compile == "off":
+        forward, step = row["forward_by_kind_s"], row["locas_step_by_kind_s"]
+        # One forward plus a backward that computes activation gradients only: its matmuls cost the forward's,
+        # its attention what the attention backward kernel costs; the element-wise rest counted once more.
+        floor = 2 * sum(forward.values()) - forward["attention"] + step["attention_backward"]
+        row["floor_over_forward"] = floor / sum(forward.values())
     row["forward_tflops"] = forward_flops(model, window, chunk + 1) / row["forward_s"] / 1e12
     row["peak_memory_gib"] = peak_memory_gib(device)
     return row
@@ -219,6 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
         choices=COMPILE_MODES,
         help="time the forward and the steps compiled in this torch.compile mode, with their compile times "
         "cold (inductor's cache in a new empty folder) and warm (the same compilation again, from that cache)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also profile one forward and one Locas step by kind of op (matmul, attention, attention backward, "
+        "other) and estimate the step's floor: a forward plus a backward of activation gradients only",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
