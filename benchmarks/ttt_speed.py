@@ -3,7 +3,7 @@
 For each window W (tokens in one forward: a chunk of W/2 scored tokens after W/2 tokens of context, as
 the online trainer reads a long text), times the median of `--repeats` calls of:
 
-    forward      the backbone, no grad, logits of the chunk (what the `none` method costs per chunk)
+    forward      the `none` method's chunk: the backbone without gradients, and the chunk's NLL
     locas step   the trainer's score-first Locas step (`train_chunk`: forward + backward + AdamW + clipping)
     lora step    the same step for a TempLoRA adapter of the same rank (peft)
     memorize     picking and cloning the memory's neurons from one chunk
@@ -178,9 +178,9 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         row[f"{name}_compile_warm_s"] = median_seconds(function, 1, device, warm_up=False)
 
     input_ids = documents[0].unsqueeze(0).to(device)
-    forward = make_learner(model, OnlineConfig(method="none", compile=args.compile)).forward_module()
-    with torch.no_grad():
-        timed("forward", lambda: forward(input_ids=input_ids, use_cache=False, logits_to_keep=chunk + 1))
+    none = OnlineConfig(method="none", compile=args.compile, **common).resolved()
+    none_learner = make_learner(model, none)
+    timed("forward", lambda: train_chunk(none_learner, None, documents, [0], start, none))
     step_timer("locas", [0], "locas_step", width=args.rank)
     step_timer("lora", [0], "lora_step", lora_rank=args.rank, lora_alpha=float(args.rank))
     if args.batch > 1:
@@ -208,7 +208,7 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
         # its attention what the attention backward kernel costs; the element-wise rest counted once more.
         floor = 2 * sum(forward.values()) - forward["attention"] + step["attention_backward"]
         row["floor_over_forward"] = floor / sum(forward.values())
-    row["forward_tflops"] = forward_flops(model, window, chunk + 1) / row["forward_s"] / 1e12
+    row["forward_tflops"] = forward_flops(model, window, chunk) / row["forward_s"] / 1e12
     row["peak_memory_gib"] = peak_memory_gib(device)
     return row
 
