@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import re
 import subprocess
 import sys
@@ -86,13 +87,13 @@ def error_line(err: str, command: str, *fragments: str | Path) -> str:
 
 
 def usage_error(err: str, command: str, *fragments: str) -> str:
-    """argparse's error: usage lines, then one `locas COMMAND: error: ...` line, checked for the fragments."""
-    last = err.strip().splitlines()[-1]
-    assert err.startswith("usage: "), err
-    assert last.startswith(f"locas {command}: error: "), err
+    """A bad option's error: one `locas COMMAND: error: ... (see 'locas COMMAND --help')` line, with the fragments."""
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"locas {command}: error: "), err
+    assert line.endswith(f"(see 'locas {command} --help')"), err
     for fragment in fragments:
-        assert fragment in last, (fragment, last)
-    return last
+        assert fragment in line, (fragment, line)
+    return line
 
 
 def nll_of(out: str) -> tuple[float, float, float]:
@@ -124,6 +125,28 @@ def test_memorize_never_overwrites_a_memory(files: dict, capsys) -> None:
     code, _, err = run(capsys, "memorize", files["text"], "--model", files["base"], "--out", files["memory"])
     assert code == 2 and "exists and a memory is never overwritten" in err
     assert files["memory"].read_bytes() == before
+
+
+def test_memorize_trains_the_memory_it_writes_unless_told_not_to(files: dict, tmp_path: Path, capsys) -> None:
+    trained = Memory.load(files["other_memory"])  # made with no training flag
+    assert (trained.metadata["train_steps"], trained.metadata["lr"], trained.metadata["loss"]) == (5, 1e-2, "ntp")
+    assert trained.down.abs().sum() > 0 and "training loss" in files["other_memory_stdout"]
+    out = tmp_path / "untrained.safetensors"
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW]
+    code, stdout, err = run(capsys, *argv, "--train-steps", "0")
+    assert code == 0, err
+    assert "not trained (--train-steps 0): its values are zero" in stdout and "training loss" not in stdout
+    assert Memory.load(out).down.abs().sum() == 0
+    out.unlink()
+    for flags, named in [
+        (["--lr", "0.1"], "--lr"),
+        (["--loss", "grpo"], "--loss"),
+        (["--lr", "1", "--loss", "ntp"], "--loss and --lr"),
+    ]:
+        code, _, err = run(capsys, *argv, "--train-steps", "0", *flags)
+        assert code == 2
+        error_line(err, "memorize", f"{named} set what --train-steps trains, and --train-steps is 0", f"drop {named}")
+        assert not out.exists()
 
 
 def test_memorize_tau_rule_output_measures_tau_on_the_text(files: dict, tmp_path: Path, capsys) -> None:
@@ -201,6 +224,9 @@ def test_export_reloads_as_a_plain_model_with_the_same_nll(files: dict, tmp_path
     assert code == 0 and err == "", err
     assert "reloaded logits match" in out and f"intermediate_size {48 + WIDTH}" in out
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by a server of another user, as mkdir
 
     model = AutoModelForCausalLM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -297,6 +323,19 @@ def test_memory_of_another_model_names_both(files: dict, tmp_path: Path, command
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_memory_on_other_weights_of_its_architecture_warns_in_one_line(files: dict, tmp_path: Path, capsys) -> None:
+    model = AutoModelForCausalLM.from_pretrained(files["base"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "scaled")
+    AutoTokenizer.from_pretrained(files["base"]).save_pretrained(tmp_path / "scaled")
+    code, stdout, err = run(capsys, "nll", files["text"], "--model", tmp_path / "scaled", "--memory", files["memory"])
+    assert code == 0 and "perplexity" in stdout
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"locas nll: warning: this memory was made for '{files['base']}'"), err
+
+
 @pytest.mark.parametrize("command", ["nll", "generate", "export"])
 def test_memory_file_that_does_not_exist(files: dict, tmp_path: Path, command: str, capsys) -> None:
     missing = tmp_path / "no-such-memory.safetensors"
@@ -379,11 +418,12 @@ def test_export_into_an_existing_empty_folder(files: dict, tmp_path: Path, capsy
 
 
 def test_export_index_out_of_range(files: dict, tmp_path: Path, capsys) -> None:
-    argv = ["export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "x", "--index", "3"]
-    code, _, err = run(capsys, *argv)
-    assert code == 2
-    error_line(err, "export", "index 3 out of range")
-    assert list(tmp_path.iterdir()) == []
+    argv = ["export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "x", "--index"]
+    for index in ("3", "-1"):  # (a negative index would pick from the end)
+        code, _, err = run(capsys, *argv, index)
+        assert code == 2
+        error_line(err, "export", f"--index {index}:", "holds 1 memory", "use --index 0..0")
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["memorize", "nll", "generate", "export"])
@@ -404,7 +444,7 @@ def test_model_path_that_does_not_exist(files: dict, tmp_path: Path, command: st
 def test_hub_id_that_cannot_be_found_offline(files: dict, capsys) -> None:
     code, _, err = run(capsys, "nll", files["text"], "--model", "locas-test/no-such-model")
     assert code == 2
-    error_line(err, "nll", "'locas-test/no-such-model'", "local model directory")  # a multi-line message, joined
+    error_line(err, "nll", "'locas-test/no-such-model'", "nor in the Hugging Face cache", "pass a local path")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -417,11 +457,11 @@ def test_cuda_device_without_cuda(files: dict, capsys) -> None:
 def test_model_that_is_not_a_model(files: dict, tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "nll", files["text"], "--model", files["text"])
     assert code == 2
-    error_line(err, "nll", files["text"], "neither a model directory nor a .gguf file")
+    error_line(err, "nll", files["text"], "neither a model folder nor a .gguf file", "pass a save_pretrained folder")
     (tmp_path / "weights").mkdir()
     code, _, err = run(capsys, "nll", files["text"], "--model", tmp_path / "weights")
     assert code == 2
-    error_line(err, "nll", tmp_path / "weights", "Could not load a causal LM")
+    error_line(err, "nll", tmp_path / "weights", "has no config.json", "not a model folder")
 
 
 def test_model_folder_without_tokenizer(files: dict, tmp_path: Path, capsys) -> None:
@@ -429,7 +469,7 @@ def test_model_folder_without_tokenizer(files: dict, tmp_path: Path, capsys) -> 
     AutoModelForCausalLM.from_pretrained(files["base"]).save_pretrained(folder)
     code, _, err = run(capsys, "nll", files["text"], "--model", folder)
     assert code == 2
-    error_line(err, "nll", folder, "no usable tokenizer", "tokenizer.save_pretrained")
+    error_line(err, "nll", folder, "has no tokenizer files", "tokenizer.save_pretrained")
 
 
 def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
@@ -505,7 +545,7 @@ def test_missing_required_flags(files: dict, capsys) -> None:
     usage_error(err, "export", "--memory")
     code, _, err = run(capsys, "nll", files["text"], "--bogus")
     assert code == 2
-    assert err.strip().splitlines()[-1] == "locas: error: unrecognized arguments: --bogus"
+    assert err == "locas: error: unrecognized arguments: --bogus (see 'locas --help')\n"
 
 
 # --- Ctrl-C: exit 130, nothing written ----------------------------------------------------------------

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from cli_fixtures import tiny_tokenizer
-from conftest import tiny_model
+from cli_fixtures import TEXT, tiny_tokenizer
+from conftest import shared_data, tiny_model
 from tokenizers import processors
 
-from locas.data import split_windows, window_prefix
+from locas.data import encode_prefix_tokens, split_windows, window_prefix
 from locas.training.online import OnlineConfig, run_online
 
 
@@ -17,6 +17,66 @@ def bos_tokenizer():
     )
     tokenizer.bos_token = "<eos>"
     return tokenizer, bos
+
+
+class CountingTokenizer:
+    """A tokenizer that records the length of every text it is asked to tokenise."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text: str, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+
+def whole(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
+@pytest.fixture(scope="module")
+def books(embedded: dict) -> list[tuple[str, list[int]]]:
+    """Three PG-19 books and their whole-text tokens (embedded tokenizer)."""
+    texts = [shared_data("pg19", name).read_text(encoding="utf-8") for name in ("349.txt", "1684.txt", "2118.txt")]
+    return [(text, whole(embedded["tokenizer"], text)) for text in texts]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("max_tokens", [0, 1, 7, 100, 1024, 5000, 60_000, 10**7])
+def test_encode_prefix_tokens_are_the_first_tokens_of_the_whole_book(embedded: dict, books, max_tokens: int):
+    for text, token_ids in books:
+        tokenizer = CountingTokenizer(embedded["tokenizer"])
+        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens]
+        if 24 * max(max_tokens, 8) < len(text):
+            assert sum(tokenizer.lengths) <= 24 * max(max_tokens, 8)  # a prefix, not the whole book
+
+
+@pytest.mark.embedded
+def test_encode_prefix_tokens_never_keeps_a_piece_of_a_cut_word(embedded: dict, books):
+    """Each word is one token: cut after some characters, it gives several, the first of which is no token of
+    the whole text."""
+    tokenizer = embedded["tokenizer"]
+    text = "".join([" characteristics", " representatives", " notwithstanding"] * 50)
+    token_ids = whole(tokenizer, text)
+    assert len(token_ids) == 150
+    for max_tokens in range(152):
+        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+    text, token_ids = books[0]
+    for max_tokens in range(300):
+        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+
+
+def test_encode_prefix_tokens_with_long_words_and_no_spaces():
+    tokenizer = tiny_tokenizer()
+    text = TEXT.replace("memory", "memory" * 40).replace("served", "  \n\t served") * 4
+    token_ids = whole(tokenizer, text)
+    for max_tokens in range(len(token_ids) + 2):
+        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+    assert encode_prefix_tokens(tokenizer, text, None) == token_ids
+    no_spaces = text.replace(" ", "_")  # no word boundary to cut at: the whole text is tokenised
+    assert encode_prefix_tokens(tokenizer, no_spaces, 10) == whole(tokenizer, no_spaces)[:10]
+    with pytest.raises(ValueError, match="max_tokens must be None or at least 0, got -1"):
+        encode_prefix_tokens(tokenizer, text, -1)
 
 
 def test_window_prefix_is_bos_only_for_tokenizers_that_add_it_themselves():

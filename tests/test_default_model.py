@@ -11,16 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import pytest
 import torch
 from conftest import CACHE_NAME, PROMPT_IDS  # the session fixture `embedded` lives in conftest.py
+from huggingface_hub.utils import _http
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -30,6 +35,7 @@ from locas.default_model import DEFAULT_MODEL, EMBEDDED_MODELS, ModelLoadError, 
 from locas.families import family_of
 
 GEMMA = EMBEDDED_MODELS["gemma3-270m"]
+INSTEAD = "pass a save_pretrained folder, a .gguf file, or an embedded name (smollm2-135m, gemma3-270m)"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -305,6 +311,21 @@ def test_missing_path_raises(name: str, tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(ModelLoadError, match="does not exist") as info:
         load_model(name)
     assert Path(name).expanduser().name in str(info.value)
+    assert str(info.value).endswith(f"; {INSTEAD}.")
+
+
+def test_a_file_that_is_no_model_raises(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path / "notes.txt"))
+    assert str(info.value) == f"{tmp_path / 'notes.txt'} is neither a model folder nor a .gguf file; {INSTEAD}."
+
+
+def test_a_folder_without_config_json_raises(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path} has no config.json: it is not a model folder saved with ")
+    assert "model_type" not in str(info.value)
 
 
 def test_unknown_hub_id_raises(offline: None) -> None:
@@ -312,6 +333,69 @@ def test_unknown_hub_id_raises(offline: None) -> None:
         load_model("locas-test/no-such-model")
     assert DEFAULT_MODEL in str(info.value)
     assert "not an embedded model (smollm2-135m, gemma3-270m)" in str(info.value)
+    assert "nor in the Hugging Face cache, and HF_HUB_OFFLINE forbids downloading it" in str(info.value)
+
+
+class FakeHub:
+    """The network as huggingface_hub sees it (offline mode off): records each request and refuses it when
+    `down`, else answers it with "no such repository"."""
+
+    def __init__(self, down: bool) -> None:
+        self.down = down
+        self.requests: list[httpx2.Request] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        if request.url.path != "/api/agent-harnesses":  # huggingface_hub's user-agent look-up, once a process
+            self.requests.append(request)
+        if self.down:
+            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+        return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"}, request=request)
+
+
+@pytest.fixture(params=[True, False], ids=["hub-down", "hub-up"])
+def hub(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    fake = FakeHub(down=request.param)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    factory = _http._GLOBAL_CLIENT_FACTORY
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake)))
+    yield fake
+    huggingface_hub.set_client_factory(factory)
+
+
+@pytest.mark.parametrize("name", ["nosuch", "someorg/nosuch-model"])
+def test_unknown_hub_id_fails_at_once(name: str, hub: FakeHub) -> None:
+    """One request tells that the hub is down: no retries; when it is up, its answer is in the message."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(name)
+    message = str(info.value)
+    assert message.startswith(f"Model '{name}' is not an embedded model (smollm2-135m, gemma3-270m), a local folder")
+    assert message.endswith("; pass a local path or one of the embedded names.")
+    if hub.down:
+        assert "nor in the Hugging Face cache, and the hub (https://huggingface.co) cannot be reached" in message
+        assert [(r.method, str(r.url)) for r in hub.requests] == [("HEAD", "https://huggingface.co")]  # no retries
+    else:
+        assert "the hub could not provide it" in message and "not a valid model identifier" in message
+        assert len(hub.requests) <= 3
+
+
+def test_a_model_in_the_hf_cache_loads_without_the_hub(
+    tiny_dir: tuple[Path, LlamaForCausalLM], hub: FakeHub, tmp_path: Path
+) -> None:
+    folder, original = tiny_dir
+    tiny_tokenizer().save_pretrained(folder)
+    repo = tmp_path / "hf-cache" / "models--locas-test--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    model, tokenizer = load_model("locas-test/tiny")
+    assert hub.requests == []
+    assert tokenizer.eos_token == "<eos>"
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_local_directory_loads(tiny_dir: tuple[Path, LlamaForCausalLM], offline: None) -> None:
@@ -361,5 +445,20 @@ def test_half_precision_checkpoint_loads_in_float32_on_cpu(
 
 def test_local_directory_without_tokenizer(tiny_dir: tuple[Path, LlamaForCausalLM], offline: None) -> None:
     folder, _ = tiny_dir
-    with pytest.raises(ModelLoadError, match="no usable tokenizer"):
+    with pytest.raises(ModelLoadError) as info:
         load_model(str(folder))
+    assert str(info.value) == (
+        f"{folder} has no tokenizer files (tokenizer.json or tokenizer_config.json); save one next to the model "
+        f"with tokenizer.save_pretrained('{folder}')."
+    )
+
+
+def test_local_directory_with_a_broken_tokenizer(tiny_dir: tuple[Path, LlamaForCausalLM], offline: None) -> None:
+    """Tokenizer files that do not load: transformers' reason is kept."""
+    folder, _ = tiny_dir
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=re.escape(f"The tokenizer files in {folder} do not load (")) as info:
+        load_model(str(folder))
+    assert f"); save a working tokenizer next to the model with tokenizer.save_pretrained('{folder}')." in str(
+        info.value
+    )

@@ -16,9 +16,16 @@ def test_memory_learns_a_passage_and_the_dense_export_reproduces_it(embedded, tm
     model, tokenizer = embedded["model"], embedded["tokenizer"]
     text = shared_data("pg19", "349.txt").read_text(encoding="utf-8")
     token_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, 3000:3384]
-    mask = torch.ones_like(token_ids)
 
     locas_model = locas.LocasModel(model)
+    try:
+        memory_learns_and_merges(locas_model, token_ids, tmp_path)
+    finally:
+        locas_model.detach()  # the model is the session's: give it back unwrapped
+
+
+def memory_learns_and_merges(locas_model, token_ids, tmp_path) -> None:
+    mask = torch.ones_like(token_ids)
     memory = locas_model.memorize(token_ids, keep_top=64)
     before = locas_model.compute_nll(token_ids).mean().item()
     with locas_model.using(None):

@@ -231,7 +231,7 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
         (["--probe", "{tmp}/missing.txt"], ["missing.txt", "does not exist"]),
         (["--probe", "{p1}", "{tmp}/p1.txt"], ["have the same name"]),
         (["--max-tokens", "8"], ["--max-tokens 8 is less than one chunk (--chunk-size 16)"]),
-        (["--context-window", "8"], ["chunk_size 16 is larger than context_window 8"]),
+        (["--context-window", "8"], ["--chunk-size 16 is larger than --context-window 8"]),
         (["--mmlu", "{tmp}"], ["has no test/ folder"]),
         (["--subjects", "botany"], ["unknown MMLU subject 'botany'"]),
         (["--out", "{tmp}/r.txt"], ["should end in .json"]),

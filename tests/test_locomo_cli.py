@@ -222,7 +222,7 @@ def ten_conversations() -> list[dict]:
         ("{data}", ["--conversations", "conv-z"], ["--conversations 'conv-z'"]),
         ("{data}", ["--conversations", "0,conv-a"], ["conversation conv-a is given twice"]),
         ("{data}", ["--conversations", "1", "--categories", "3,5"], ["--categories selects no question"]),
-        ("{data}", ["--context-window", "8"], ["chunk_size 48 is larger than context_window 8"]),
+        ("{data}", ["--context-window", "8"], ["--chunk-size 48 is larger than --context-window 8"]),
         ("{data}", ["--method", "lora", "--ttt-loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"]),
         ("{data}", ["--out", "{file}"], ["is a file; name a folder"]),
         ("{data}", ["--out", "{no_folder}"], ["does not exist; create it first"]),

@@ -1,3 +1,7 @@
+import json
+import re
+import warnings
+
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
@@ -139,6 +143,93 @@ def test_same_architecture_with_other_weights_loads_with_a_warning(tmp_path):
             mlp.down_proj.weight.mul_(1.5)
     with pytest.warns(UserWarning, match="MLP weights differ"):
         locas.load_memory(path, other_weights)
+
+
+def same_norms_other_weights(seed=0):
+    """A tiny llama whose down projections are reversed along the hidden axis: every neuron's output vector keeps
+    its norm (so `output_scales` match the original's), but the weights are other ones."""
+    model = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        for mlp in locas.family_of(model).mlps(model):
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight.flip(0))
+    return model
+
+
+def test_weights_of_another_init_warn_and_a_half_precision_copy_does_not(tmp_path):
+    path = locas.attach(tiny_model("llama"), width=4).memory.save(tmp_path / "m.safetensors")
+    for dtype in (torch.bfloat16, torch.float16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            locas.load_memory(path, tiny_model("llama").to(dtype))
+    for other in (tiny_model("llama", seed=1), same_norms_other_weights()):
+        with pytest.warns(UserWarning, match="MLP weights differ"):
+            locas.load_memory(path, other)
+
+
+def test_the_weights_warning_names_the_users_call(tmp_path):
+    memory = locas.attach(tiny_model("llama"), width=4).memory
+    path = memory.save(tmp_path / "m.safetensors")
+    calls = {
+        "load_memory onto a model": lambda model: locas.load_memory(path, model),
+        "load_memory onto a LocasModel": lambda model: locas.load_memory(path, locas.LocasModel(model)),
+        "attach_memory": lambda model: locas.LocasModel(model).attach_memory(memory),
+    }
+    for name, call in calls.items():
+        with pytest.warns(UserWarning, match="MLP weights differ") as record:
+            call(same_norms_other_weights())
+        assert [w.filename for w in record if "MLP weights differ" in str(w.message)] == [__file__], name
+
+
+def test_a_file_without_a_weight_signature_loads_without_its_warning(tmp_path):
+    memory = locas.attach(tiny_model("llama"), width=4).memory
+    del memory.metadata["weight_signature"]  # as written by older versions
+    path = memory.save(tmp_path / "old.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        locas.load_memory(path, same_norms_other_weights())
+
+
+def save_with_header(path, memory, header: str):
+    tensors = {name: t.detach() for name, t in memory.slot_tensors().items()} | {"tau": memory.tau}
+    save_file(tensors, str(path), metadata={"locas": header})
+    return path
+
+
+def test_loading_refuses_non_finite_values(tmp_path):
+    for name, value in (("down", float("nan")), ("tau", float("inf")), ("up", -float("inf"))):
+        memory = random_memory()
+        with torch.no_grad():
+            getattr(memory, name)[1, 0, 2] = value
+        path = memory.save(tmp_path / f"{name}.safetensors")
+        problem = f"{path}' holds non-finite values (NaN or inf) in '{name}'; it is corrupt: memorize or train it again"
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            Memory.load(path)
+
+
+def test_loading_refuses_corrupt_metadata_naming_the_file(tmp_path):
+    memory = random_memory(layers=2)
+    fields = {"fingerprint": "x", "format_version": 2, "width": 5, "gated": True}
+    per_layer = "output_scales must be a list of 2 numbers, one per layer"
+    signature = "weight_signature must be a list of 2 equally long lists of numbers, one per layer"
+    cases = {
+        "{'fingerprint': 'x'}": "Expecting property name enclosed in double quotes",
+        "[2]": "not a JSON object",
+        json.dumps(fields | {"output_scales": ["a", "b"]}): per_layer,
+        json.dumps(fields | {"output_scales": [0.1]}): per_layer,
+        json.dumps(fields | {"output_scales": 0.1}): per_layer,
+        json.dumps(fields | {"output_scales": [0.1, True]}): per_layer,
+        json.dumps(fields | {"weight_signature": [[0.1], [0.1, 0.2]]}): signature,
+        json.dumps(fields | {"weight_signature": [0.1, 0.2]}): signature,
+    }
+    for index, (header, problem) in enumerate(cases.items()):
+        path = save_with_header(tmp_path / f"{index}.safetensors", memory, header)
+        with pytest.raises(ValueError, match=re.escape(f"{path}' has unreadable locas metadata (") + ".*" + problem):
+            Memory.load(path)
+    fine = json.dumps(fields | {"output_scales": [1, 0.5], "weight_signature": [[1, 0.5], [0.25, 0]]})
+    assert Memory.load(save_with_header(tmp_path / "fine.safetensors", memory, fine)).metadata["output_scales"] == [
+        1,
+        0.5,
+    ]
 
 
 def test_loading_refuses_a_folder_and_an_incomplete_memory(tmp_path):

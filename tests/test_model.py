@@ -175,3 +175,42 @@ def test_memory_layers_run_the_memory_there_only_and_the_backward_stops_below_th
     assert memory.down.grad[0].abs().sum() == 0 and memory.down.grad[1].abs().sum() > 0
     with pytest.raises(ValueError, match=r"memory_layers must be some of the model's layers 0\.\.1, got \[2\]"):
         locas.LocasModel(model, memory_layers=[2])
+
+
+def memory_hooks(model):
+    return [hook for mlp in locas.family_of(model).mlps(model) for hook in mlp._forward_hooks.values()]
+
+
+def test_a_second_locas_model_on_a_wrapped_backbone_is_refused_until_detach(tokens):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        expected = model(tokens).logits
+    first = locas.attach(model, width=4)
+    memory = first.attach_memory(with_random_values(first, width=4))
+    with pytest.raises(ValueError, match=r"already carries a LocasModel's memory hooks; call \.detach\(\) on that"):
+        LocasModel(model)
+    first.detach()
+    with first.hooks_removed():  # a detached LocasModel does not put its hooks back afterwards
+        pass
+    second = LocasModel(model)
+    with torch.no_grad():
+        assert torch.equal(second(tokens).logits, expected)
+        second.attach_memory(memory)
+        with_memory = second(tokens).logits
+    dense = second.to_dense()
+    assert memory_hooks(dense) == [] and len(memory_hooks(model)) == 2  # the copy is the bare backbone, merged
+    with torch.no_grad():
+        assert (dense(tokens).logits - with_memory).abs().max() < 1e-4
+
+
+def test_a_failed_attach_leaves_no_hooks_behind(tokens):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        expected = model(tokens).logits
+    with pytest.raises(ValueError, match="tau_rule 'output' measures"):
+        locas.attach(model, tau_rule="output")
+    with pytest.raises(ValueError, match="made for"):
+        locas.attach(model, memory=locas.attach(tiny_model("gpt2"), width=4).memory)
+    assert memory_hooks(model) == []
+    with torch.no_grad():
+        assert torch.equal(LocasModel(model)(tokens).logits, expected)

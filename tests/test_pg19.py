@@ -150,6 +150,22 @@ def test_method_labels_set_the_method_and_the_locas_init() -> None:
     assert configs["locas:random_index"].width == 8
 
 
+def test_read_book_tokenises_only_the_start_of_a_long_book(tmp_path: Path) -> None:
+    tokenizer, seen = tiny_tokenizer(), []
+    path = tmp_path / "long.txt"
+    path.write_text(TEXT * 200, encoding="utf-8")
+
+    def counting(text: str, **kwargs):
+        seen.append(len(text))
+        return tokenizer(text, **kwargs)
+
+    whole = tokenizer(TEXT * 200, add_special_tokens=False).input_ids
+    book = pg19.read_book(path, counting, max_tokens=64, chunk_size=16)
+    assert book.token_ids.tolist() == whole[:64]
+    assert sum(seen) < len(TEXT * 200) / 50
+    assert pg19.read_book(path, tokenizer).token_ids.tolist() == whole
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 
@@ -347,13 +363,23 @@ def test_saved_state_in_another_weights_dtype_is_refused(full_run: dict, capsys)
 @pytest.mark.parametrize(
     ("books", "flags", "fragments", "before_model"),
     [
-        ([], ["--method", "gpt"], ["unknown method 'gpt'", "locas, lora, none, long"], True),
+        ([], ["--method", "gpt"], ["unknown --method 'gpt'", "locas, lora, none, long"], True),
         ([], ["--method", "lora:highest"], ["'lora:highest'", "only locas takes an init"], True),
-        ([], ["--method", "locas:biggest"], ["unknown memory_init 'biggest'"], True),
+        ([], ["--method", "locas:biggest"], ["unknown --init 'biggest'"], True),
         ([], ["--method", "none", "--method", "none"], ["'none' is given twice"], True),
-        ([], ["--method", "locas", "--context-window", "8"], ["chunk_size 16 is larger than context_window 8"], True),
+        (
+            [],
+            ["--method", "locas", "--context-window", "8"],
+            ["--chunk-size 16 is larger than --context-window 8"],
+            True,
+        ),
         ([], ["--method", "lora", "--loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"], True),
-        ([], ["--method", "locas", "--loss", "grpo", "--steps-per-chunk", "2"], ["use loss 'ntp+grpo'"], True),
+        (
+            [],
+            ["--method", "locas", "--loss", "grpo", "--steps-per-chunk", "2"],
+            ["--steps-per-chunk 2: --loss 'grpo' has no token-loss steps", "use --loss 'ntp+grpo'"],
+            True,
+        ),
         (
             [],
             ["--method", "none", "--max-tokens", "8"],

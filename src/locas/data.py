@@ -23,6 +23,44 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def encode_prefix_tokens(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """The first `max_tokens` tokens of `text` (no special tokens; all of them for None), as tokenising the
+    whole text gives them, from tokenising only a prefix: 8 characters per token, doubled until it suffices.
+
+    The prefix ends before a space that follows a non-space. No token spans that point (byte-level BPE such
+    as SmolLM2's or Llama 3's pre-tokenises words there, SentencePiece BPE such as Gemma's has no piece
+    across it), so the prefix's tokens are the text's; it must give more than `max_tokens` of them, so that
+    at least the last one, the nearest to the cut, is dropped. For a tokenizer without that property, a prefix
+    twice as long must give the same tokens, else the whole text is tokenised.
+    """
+    if max_tokens is not None and max_tokens < 0:
+        raise ValueError(f"max_tokens must be None or at least 0, got {max_tokens}")
+    end = len(text) if max_tokens is None else 8 * max(max_tokens, 1)
+    shorter = None  # the kept tokens of the last prefix that had enough
+    while end < len(text):
+        cut = _word_end(text, end)
+        if cut > 0:
+            token_ids = _encode(tokenizer, text[:cut])[: max_tokens + 1]
+            if len(token_ids) > max_tokens:
+                if token_ids[:max_tokens] == shorter:
+                    return shorter
+                shorter = token_ids[:max_tokens]
+        end *= 2
+    return _encode(tokenizer, text)[:max_tokens]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
+def _word_end(text: str, end: int) -> int:
+    """The index of the last space before `end` that follows a non-space character; -1 if there is none."""
+    cut = text.rfind(" ", 1, end)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.rfind(" ", 1, cut)
+    return cut
+
+
 def window_prefix(tokenizer) -> list[int]:
     """The tokens every window of a text must start with: `[bos]` when the tokenizer puts one in front of
     each text by itself (Gemma, Llama 2/3: models trained to always see it), else none (SmolLM2, GPT-2)."""

@@ -21,18 +21,21 @@ Accepted model names in :func:`load_model`:
 * a name in :data:`EMBEDDED_MODELS` (``"smollm2-135m"``, ``"gemma3-270m"``): that embedded model.
 * an existing directory: ``from_pretrained(directory)``; it must contain tokenizer files as well.
 * a ``.gguf`` file: de-quantised from the file (no caching).
-* anything else: a Hugging Face Hub id (works only if the hub is reachable or the id is in the HF cache).
+* anything else: a Hugging Face Hub id, read from the HF cache, else downloaded if the hub answers (one quick
+  request, unless ``HF_HUB_OFFLINE`` is set) and fails at once otherwise.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module, invalidate_caches
 from importlib.metadata import PackageNotFoundError, version
@@ -40,6 +43,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_session
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -54,6 +59,8 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m"
 _CACHE_MARKERS = ("config.json", "model.safetensors")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_HUB_TIMEOUT = 5  # seconds the one request that tells whether the hub answers may take
 
 
 class ModelLoadError(RuntimeError):
@@ -125,6 +132,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
     )
 }
+_INSTEAD = f"pass a save_pretrained folder, a .gguf file, or an embedded name ({', '.join(EMBEDDED_MODELS)})"
 
 
 def embedded_model(name: str) -> EmbeddedModel:
@@ -247,11 +255,86 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``from_pretrained`` for a local directory or hub id; errors are left to the caller."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+def _from_pretrained(
+    source: str | Path, dtype: torch.dtype | None, cache_only: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``from_pretrained`` for a local directory or hub id (from the HF cache alone if ``cache_only``); errors are
+    left to the caller."""
+    # transformers does not pass local_files_only on to its look-up of a PEFT adapter, which would go online
+    hub = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if cache_only else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto", **hub)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
     return model, tokenizer
+
+
+def _load_folder(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model folder written by ``save_pretrained``, with its tokenizer."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} has no config.json: it is not a model folder saved with save_pretrained; {_INSTEAD}."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load a causal LM from the directory {path}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{path} has no tokenizer files ({' or '.join(_TOKENIZER_FILES)}); save one next to the model "
+                f"with tokenizer.save_pretrained({str(path)!r})."
+            ) from exc
+        raise ModelLoadError(
+            f"The tokenizer files in {path} do not load ({exc}); save a working tokenizer next to the model with "
+            f"tokenizer.save_pretrained({str(path)!r})."
+        ) from exc
+    return model, tokenizer
+
+
+def _hub_answers() -> bool:
+    """Whether the Hugging Face hub answers one quick request (no retries)."""
+    try:
+        get_session().head(hub_constants.ENDPOINT, timeout=_HUB_TIMEOUT)
+    except Exception:  # no network, DNS, proxy, timeout: any failure to get a response
+        return False
+    return True
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's warnings (a line per retry) for the duration."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_from_hub(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub model from the HF cache, else downloaded when the hub answers; fails at once when it does not."""
+    try:
+        return _from_pretrained(name, dtype, cache_only=True)
+    except OSError:
+        pass  # not (wholly) in the cache
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load the model '{name}' from the Hugging Face cache: {exc}") from exc
+    unknown = (
+        f"Model '{name}' is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder or .gguf file, "
+        "nor in the Hugging Face cache"
+    )
+    fix = "pass a local path or one of the embedded names"
+    if hub_constants.is_offline_mode():
+        raise ModelLoadError(f"{unknown}, and HF_HUB_OFFLINE forbids downloading it; {fix}.")
+    if not _hub_answers():
+        raise ModelLoadError(f"{unknown}, and the hub ({hub_constants.ENDPOINT}) cannot be reached; {fix}.")
+    try:
+        with _quiet_hub():
+            return _from_pretrained(name, dtype)
+    except Exception as exc:  # OSError for an unknown or private id, ValueError etc. for odd repos
+        raise ModelLoadError(f"{unknown}, and the hub could not provide it ({exc}); {fix}.") from exc
 
 
 def load_model(
@@ -281,32 +364,15 @@ def load_model(
     if name.lower() == "default" or name.lower() in EMBEDDED_MODELS:
         model, tokenizer = _from_pretrained(_ensure_cache(embedded_model(name)), dtype)
     elif path.is_dir():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
-        except Exception as exc:
-            raise ModelLoadError(f"Could not load a causal LM from the directory {path}: {exc}") from exc
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"The directory {path} has a model but no usable tokenizer ({exc}). "
-                "Save one next to it with tokenizer.save_pretrained(...)."
-            ) from exc
+        model, tokenizer = _load_folder(path, dtype)
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path)
     elif path.exists():
-        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file.")
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file; {_INSTEAD}.")
     elif _looks_like_path(name):
-        raise ModelLoadError(f"The model path {path} does not exist.")
+        raise ModelLoadError(f"The model path {path} does not exist; {_INSTEAD}.")
     else:
-        try:
-            model, tokenizer = _from_pretrained(name, dtype)
-        except Exception as exc:  # OSError when offline/not found, ValueError etc. for odd repos
-            raise ModelLoadError(
-                f"Model '{name}' is not an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local path, and "
-                f"could not be found in the Hugging Face cache or downloaded (the hub may be unreachable): {exc}\n"
-                f"Pass a local model directory or .gguf file, or use the default model ('{DEFAULT_MODEL}')."
-            ) from exc
+        model, tokenizer = _load_from_hub(name, dtype)
 
     if dtype is None and (device is None or torch.device(device).type == "cpu"):
         dtype = torch.float32 if model.dtype in HALF_PRECISION else None

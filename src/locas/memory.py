@@ -16,6 +16,7 @@ memory of a batch keep the scale measured on its own text. A memory with batch 1
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,6 +34,30 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.shape[0] == 1:  # one memory for every sequence: a plain linear is much faster than a broadcast bmm
         return F.linear(x, weight[0])
     return x @ weight.transpose(-1, -2)
+
+
+def _numbers(value: object) -> bool:
+    """Whether `value` is a non-empty list of finite numbers."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def _metadata_problem(metadata: dict, layers: int) -> str | None:
+    """What is wrong with the metadata fields that checking a memory against a model reads, or None."""
+    scales = metadata.get("output_scales")
+    if scales is not None and not (_numbers(scales) and len(scales) == layers):
+        return f"output_scales must be a list of {layers} numbers, one per layer"
+    signature = metadata.get("weight_signature")
+    if signature is not None and not (
+        isinstance(signature, list)
+        and len(signature) == layers
+        and all(_numbers(row) and len(row) == len(signature[0]) for row in signature)
+    ):
+        return f"weight_signature must be a list of {layers} equally long lists of numbers, one per layer"
+    return None
 
 
 class Memory(nn.Module):
@@ -259,7 +284,12 @@ class Memory(nn.Module):
             raise ValueError(f"{str(path)!r} is not a readable safetensors file: {error}") from error
         if "locas" not in header:
             raise ValueError(f"{str(path)!r} is a safetensors file but not a locas memory (no 'locas' metadata)")
-        metadata = json.loads(header["locas"])
+        try:
+            metadata = json.loads(header["locas"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r} has unreadable locas metadata ({error})") from error
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{str(path)!r} has unreadable locas metadata (not a JSON object)")
         version = metadata.get("format_version")
         if version not in READABLE_VERSIONS:
             newer = isinstance(version, int) and version > FORMAT_VERSION
@@ -271,8 +301,17 @@ class Memory(nn.Module):
         missing = [name for name in ("up", "down", "tau") if name not in tensors]
         if missing or metadata.get("gated") != ("gate" in tensors):
             raise ValueError(f"{str(path)!r} is an incomplete locas memory (missing tensors: {missing or ['gate']})")
+        for name, tensor in tensors.items():
+            if name in (*SLOT_TENSORS, "tau") and not torch.isfinite(tensor).all():
+                raise ValueError(
+                    f"{str(path)!r} holds non-finite values (NaN or inf) in {name!r}; it is corrupt: "
+                    "memorize or train it again"
+                )
         for key in ("format_version", "width", "gated"):
             metadata.pop(key, None)
-        return cls(
+        memory = cls(
             up=tensors["up"], gate=tensors.get("gate"), down=tensors["down"], tau=tensors["tau"], metadata=metadata
         )
+        if problem := _metadata_problem(metadata, memory.num_layers):
+            raise ValueError(f"{str(path)!r} has unreadable locas metadata ({problem})")
+        return memory

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +56,17 @@ def output_scales(model: PreTrainedModel) -> torch.Tensor:
     return torch.stack([family.read(mlp).down.detach().float().norm(dim=0).mean() for mlp in family.mlps(model)])
 
 
+def weight_signature(model: PreTrainedModel, count: int = 16) -> torch.Tensor:
+    """Per layer, `count` values of the MLP's down projection at fixed, evenly spread positions, shape
+    (layers, count), float32 on the CPU: unlike `output_scales`, it tells apart two inits of the same config."""
+    family = family_of(model)
+    rows = []
+    for mlp in family.mlps(model):
+        down = family.read(mlp).down.detach().reshape(-1)
+        rows.append(down[torch.linspace(0, down.numel() - 1, count, device=down.device).long()].float().cpu())
+    return torch.stack(rows)
+
+
 def token_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -85,8 +98,25 @@ def encode_prefix(model: PreTrainedModel, ids: list[int]) -> PrefixCache:
     return PrefixCache(ids, output[keyword], keyword)
 
 
+_PACKAGE_DIR = str(Path(__file__).parent) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for its caller, of the innermost frame outside the locas package (the call
+    into locas that the user wrote, however deep inside locas the warning is raised)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _carries_memory_hooks(mlps: list[nn.Module]) -> bool:
+    return any(getattr(hook, "locas_memory_hook", False) for mlp in mlps for hook in mlp._forward_hooks.values())
+
+
 def check_memory(memory: Memory, model: PreTrainedModel) -> None:
-    """Raise ValueError, naming both, if `memory` was made for another base model than `model`."""
+    """Raise ValueError, naming both, if `memory` was made for another base model than `model`; warn if it was made
+    for other weights of the same architecture."""
     family = family_of(model)
     stored = memory.metadata.get("fingerprint")
     same_shape = (memory.num_layers, memory.hidden_size, memory.gated) == (
@@ -105,14 +135,21 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
         )
     # Same architecture, other weights (e.g. a base vs an instruct checkpoint): allowed, but said.
     stored_scales = memory.metadata.get("output_scales")
-    if stored_scales is not None:
-        scales = output_scales(model)
-        if not torch.allclose(torch.tensor(stored_scales), scales, rtol=1e-2):
-            warnings.warn(
-                f"this memory was made for {memory.metadata.get('base_model', '?')!r}, whose MLP weights differ "
-                f"from those of {base_description(model)}; it may not transfer",
-                stacklevel=2,
-            )
+    stored_signature = memory.metadata.get("weight_signature")  # absent from older files
+    differs = stored_scales is not None and not torch.allclose(
+        torch.tensor(stored_scales, dtype=torch.float32), output_scales(model).cpu(), rtol=1e-2
+    )
+    if stored_signature is not None:
+        stored = torch.tensor(stored_signature, dtype=torch.float32)
+        # A bfloat16 or float16 copy of the same weights moves them by < 0.4%; other weights, by ~100%.
+        drift = (weight_signature(model, stored.shape[1]) - stored).norm(dim=1)
+        differs = differs or bool((drift > 1e-2 * stored.norm(dim=1)).any())
+    if differs:
+        warnings.warn(
+            f"this memory was made for {memory.metadata.get('base_model', '?')!r}, whose MLP weights differ "
+            f"from those of {base_description(model)}; it may not transfer",
+            stacklevel=_user_stacklevel(),
+        )
 
 
 # How a new memory's output scale tau is set, per (layer, slot). `paper` and `neuron` read the layer's mean
@@ -160,6 +197,11 @@ class LocasModel(nn.Module):
         self.memory_layers = list(range(layers)) if memory_layers is None else sorted(set(memory_layers))
         if not self.memory_layers or not all(0 <= layer < layers for layer in self.memory_layers):
             raise ValueError(f"memory_layers must be some of the model's layers 0..{layers - 1}, got {memory_layers}")
+        if _carries_memory_hooks(self.family.mlps(model)):  # two memories would add up, silently
+            raise ValueError(
+                "this model already carries a LocasModel's memory hooks; call .detach() on that LocasModel first, "
+                "or keep using it"
+            )
         self.model = model
         self.model.requires_grad_(False)
         self.memory = memory
@@ -181,6 +223,7 @@ class LocasModel(nn.Module):
                 x = args[0] if args else next(iter(kwargs.values()))
                 return output + self.memory.layer_output(layer, x, activation, self.rows)
 
+            hook.locas_memory_hook = True  # how a second LocasModel on this model finds it
             self._hooks.append(mlp.register_forward_hook(hook, with_kwargs=True))
 
     def _remove_hooks(self) -> None:
@@ -191,11 +234,13 @@ class LocasModel(nn.Module):
     @contextmanager
     def hooks_removed(self) -> Iterator[PreTrainedModel]:
         """The bare backbone for the duration of the block (e.g. to copy it)."""
+        installed = bool(self._hooks)  # a detached LocasModel stays detached
         self._remove_hooks()
         try:
             yield self.model
         finally:
-            self._install_hooks()
+            if installed:
+                self._install_hooks()
 
     def detach(self) -> PreTrainedModel:
         """Remove the memory's hooks for good and return the untouched backbone."""
@@ -269,6 +314,7 @@ class LocasModel(nn.Module):
             "tokens_memorized": tokens_memorized,
             **rule,
             "output_scales": [round(v, 6) for v in output_scales(self.model).tolist()],
+            "weight_signature": weight_signature(self.model).tolist(),
         }
 
     def default_tau(self, width: int) -> torch.Tensor:
@@ -317,11 +363,15 @@ def attach(
     tau rule measures a text, so it needs `LocasModel(model, tau_rule="output").memorize(...)` instead.)
     """
     locas_model = LocasModel(model, tau_rule=tau_rule, output_ratio=output_ratio)
-    if memory is None:
-        from locas.memorize import random_memory
+    try:
+        if memory is None:
+            from locas.memorize import random_memory
 
-        memory = random_memory(locas_model, width=width, seed=seed)
-    locas_model.attach_memory(memory)
+            memory = random_memory(locas_model, width=width, seed=seed)
+        locas_model.attach_memory(memory)
+    except BaseException:
+        locas_model.detach()  # leave no hooks behind on a model the caller keeps
+        raise
     return locas_model
 
 
