@@ -180,7 +180,10 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
     input_ids = documents[0].unsqueeze(0).to(device)
     none = OnlineConfig(method="none", compile=args.compile, **common).resolved()
     none_learner = make_learner(model, none)
-    timed("forward", lambda: train_chunk(none_learner, None, documents, [0], start, none))
+    try:
+        timed("forward", lambda: train_chunk(none_learner, None, documents, [0], start, none))
+    finally:
+        none_learner.close()
     step_timer("locas", [0], "locas_step", width=args.rank)
     step_timer("lora", [0], "lora_step", lora_rank=args.rank, lora_alpha=float(args.rank))
     if args.batch > 1:
@@ -257,11 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also profile one forward and one Locas step by kind of op (matmul, attention, attention backward, "
-        "other) and estimate the step's floor: a forward plus a backward of activation gradients only",
+        help="also profile one forward and one Locas step (one call each) by kind of op (matmul, attention, "
+        "attention backward, other) and estimate the step's floor: a forward plus a backward of activation "
+        "gradients only (eager only)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
     args = parser.parse_args(argv)
+    if args.breakdown and args.compile != "off":
+        parser.error("--breakdown profiles the eager ops; drop --compile or --breakdown")
     device = torch.device(args.device)
     kept = device.type == "cpu" and keep_freed_memory_on_request()  # as the locas command does on a CPU
     model = build_model(args.model, getattr(torch, args.dtype), args.device)

@@ -139,14 +139,30 @@ def test_memorize_trains_the_memory_it_writes_unless_told_not_to(files: dict, tm
     assert Memory.load(out).down.abs().sum() == 0
     out.unlink()
     for flags, named in [
-        (["--lr", "0.1"], "--lr"),
-        (["--loss", "grpo"], "--loss"),
-        (["--lr", "1", "--loss", "ntp"], "--loss and --lr"),
+        (["--lr", "0.1"], "--lr sets"),
+        (["--loss", "grpo"], "--loss sets"),
+        (["--lr", "1", "--loss", "ntp"], "--loss and --lr set"),
     ]:
         code, _, err = run(capsys, *argv, "--train-steps", "0", *flags)
         assert code == 2
-        error_line(err, "memorize", f"{named} set what --train-steps trains, and --train-steps is 0", f"drop {named}")
+        flags_named = named.rsplit(" ", 1)[0]
+        error_line(err, "memorize", f"{named} what --train-steps trains, and --train-steps is 0", f"drop {flags_named}")
         assert not out.exists()
+
+
+def test_memorize_refuses_to_write_a_diverged_memory(files: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    def diverging(locas_model, *args, **kwargs):
+        with torch.no_grad():
+            locas_model.memory.down.fill_(math.nan)
+        return [1.0]
+
+    monkeypatch.setattr(locas.training, "train_on_windows", diverging)
+    out = tmp_path / "m.safetensors"
+    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, *WINDOW]
+    code, _, err = run(capsys, *argv, "--lr", "0.5")
+    assert code == 2
+    error_line(err, "memorize", "training diverged (NaN or inf in the memory) at --lr 0.5", "lower --lr")
+    assert not out.exists()
 
 
 def test_memorize_tau_rule_output_measures_tau_on_the_text(files: dict, tmp_path: Path, capsys) -> None:
@@ -422,7 +438,7 @@ def test_export_index_out_of_range(files: dict, tmp_path: Path, capsys) -> None:
     for index in ("3", "-1"):  # (a negative index would pick from the end)
         code, _, err = run(capsys, *argv, index)
         assert code == 2
-        error_line(err, "export", f"--index {index}:", "holds 1 memory", "use --index 0..0")
+        error_line(err, "export", f"--index {index}:", "holds 1 memory; drop --index")
         assert list(tmp_path.iterdir()) == []
 
 

@@ -4,7 +4,7 @@ from cli_fixtures import TEXT, tiny_tokenizer
 from conftest import shared_data, tiny_model
 from tokenizers import processors
 
-from locas.data import encode_prefix_tokens, split_windows, window_prefix
+from locas.data import first_tokens, split_windows, window_prefix
 from locas.training.online import OnlineConfig, run_online
 
 
@@ -43,16 +43,16 @@ def books(embedded: dict) -> list[tuple[str, list[int]]]:
 
 @pytest.mark.embedded
 @pytest.mark.parametrize("max_tokens", [0, 1, 7, 100, 1024, 5000, 60_000, 10**7])
-def test_encode_prefix_tokens_are_the_first_tokens_of_the_whole_book(embedded: dict, books, max_tokens: int):
+def test_first_tokens_are_the_first_tokens_of_the_whole_book(embedded: dict, books, max_tokens: int):
     for text, token_ids in books:
         tokenizer = CountingTokenizer(embedded["tokenizer"])
-        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens]
+        assert first_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens]
         if 24 * max(max_tokens, 8) < len(text):
             assert sum(tokenizer.lengths) <= 24 * max(max_tokens, 8)  # a prefix, not the whole book
 
 
 @pytest.mark.embedded
-def test_encode_prefix_tokens_never_keeps_a_piece_of_a_cut_word(embedded: dict, books):
+def test_first_tokens_never_keeps_a_piece_of_a_cut_word(embedded: dict, books):
     """Each word is one token: cut after some characters, it gives several, the first of which is no token of
     the whole text."""
     tokenizer = embedded["tokenizer"]
@@ -60,23 +60,23 @@ def test_encode_prefix_tokens_never_keeps_a_piece_of_a_cut_word(embedded: dict, 
     token_ids = whole(tokenizer, text)
     assert len(token_ids) == 150
     for max_tokens in range(152):
-        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+        assert first_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
     text, token_ids = books[0]
     for max_tokens in range(300):
-        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+        assert first_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
 
 
-def test_encode_prefix_tokens_with_long_words_and_no_spaces():
+def test_first_tokens_with_long_words_and_no_spaces():
     tokenizer = tiny_tokenizer()
     text = TEXT.replace("memory", "memory" * 40).replace("served", "  \n\t served") * 4
     token_ids = whole(tokenizer, text)
     for max_tokens in range(len(token_ids) + 2):
-        assert encode_prefix_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
-    assert encode_prefix_tokens(tokenizer, text, None) == token_ids
+        assert first_tokens(tokenizer, text, max_tokens) == token_ids[:max_tokens], max_tokens
+    assert first_tokens(tokenizer, text, None) == token_ids
     no_spaces = text.replace(" ", "_")  # no word boundary to cut at: the whole text is tokenised
-    assert encode_prefix_tokens(tokenizer, no_spaces, 10) == whole(tokenizer, no_spaces)[:10]
+    assert first_tokens(tokenizer, no_spaces, 10) == whole(tokenizer, no_spaces)[:10]
     with pytest.raises(ValueError, match="max_tokens must be None or at least 0, got -1"):
-        encode_prefix_tokens(tokenizer, text, -1)
+        first_tokens(tokenizer, text, -1)
 
 
 def test_window_prefix_is_bos_only_for_tokenizers_that_add_it_themselves():
@@ -144,3 +144,22 @@ def test_a_saved_run_is_not_resumed_with_another_window_prefix(tmp_path, one_thr
     run_online(tiny_model("llama"), tokens, config, state_path=state, progress=False)
     with pytest.raises(ValueError, match=r"started its windows with \[\], this one with \[0\]"):
         run_online(tiny_model("llama"), tokens, config, state_path=state, progress=False, tokenizer=tokenizer)
+
+
+class EndMergingTokenizer:
+    """One token per character, except that the last 3 of any input come out as -1: a tokenizer whose pieces
+    near the end of its input depend on where the input was cut."""
+
+    def __call__(self, text: str, **kwargs):
+        class Encoding:
+            input_ids = [ord(c) for c in text[:-3]] + [-1] * min(3, len(text))
+
+        return Encoding()
+
+
+def test_first_tokens_trusts_a_prefix_only_when_a_longer_cut_agrees():
+    # The first cut (after the 11 w's) gives 11 tokens, the last of the 10 kept already changed by the cut; the
+    # next doubling finds no later space, so the same cut again must not count as agreement.
+    text = "w" * 11 + " " + "x" * 300 + " y"
+    tokenizer = EndMergingTokenizer()
+    assert first_tokens(tokenizer, text, 10) == tokenizer(text).input_ids[:10] == [ord("w")] * 10

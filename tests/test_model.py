@@ -4,7 +4,7 @@ from conftest import GATED_FAMILIES, tiny_model
 from transformers import OPTConfig, OPTForCausalLM
 
 import locas
-from locas.model import LocasModel, output_scales
+from locas.model import LocasModel, output_scales, spread_positions
 
 
 def with_random_values(model, width=6, batch_size=1, seed=0, scale=1.0):
@@ -192,6 +192,8 @@ def test_a_second_locas_model_on_a_wrapped_backbone_is_refused_until_detach(toke
     first.detach()
     with first.hooks_removed():  # a detached LocasModel does not put its hooks back afterwards
         pass
+    with pytest.raises(ValueError, match=r"was detached from its model; wrap the model again"):
+        first.attach_memory(memory)  # it would be ignored: no hooks run it
     second = LocasModel(model)
     with torch.no_grad():
         assert torch.equal(second(tokens).logits, expected)
@@ -214,3 +216,12 @@ def test_a_failed_attach_leaves_no_hooks_behind(tokens):
     assert memory_hooks(model) == []
     with torch.no_grad():
         assert torch.equal(LocasModel(model)(tokens).logits, expected)
+
+
+@pytest.mark.parametrize("size", [100, 2**24 + 1, 2560 * 9728, 4096 * 14336])
+def test_the_weight_signature_positions_stay_inside_large_matrices(size):
+    """Qwen3-4B's and Llama-3-8B's down projections hold more than 2^24 numbers, where a float32 linspace rounds
+    its last position to `size`, one past the end."""
+    positions = spread_positions(size, 16)
+    assert positions[0] == 0 and positions[-1] == size - 1
+    assert bool((positions[1:] > positions[:-1]).all())

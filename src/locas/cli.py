@@ -161,9 +161,9 @@ def _read_memory(path: str) -> Memory:
 
 
 def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Tensor:
-    from locas.data import encode_prefix_tokens
+    from locas.data import first_tokens
 
-    token_ids = torch.tensor(encode_prefix_tokens(tokenizer, text, max_tokens), dtype=torch.long)
+    token_ids = torch.tensor(first_tokens(tokenizer, text, max_tokens), dtype=torch.long)
     if token_ids.numel() < 2:
         raise CommandError(f"text file {path!r} holds fewer than 2 tokens: nothing to predict; use a longer text")
     return token_ids
@@ -235,9 +235,10 @@ def command_memorize(args) -> None:
     if args.train_steps == 0:
         ignored = [flag for flag, value in (("--loss", args.loss), ("--lr", args.lr)) if value is not None]
         if ignored:
+            named = " and ".join(ignored)
             raise CommandError(
-                f"{' and '.join(ignored)} set what --train-steps trains, and --train-steps is 0; "
-                f"drop {' and '.join(ignored)} or train (e.g. --train-steps {MEMORIZE_TRAIN_STEPS})"
+                f"{named} {'set' if len(ignored) > 1 else 'sets'} what --train-steps trains, and --train-steps is "
+                f"0; drop {named} or train (e.g. --train-steps {MEMORIZE_TRAIN_STEPS})"
             )
     args.loss = args.loss or "ntp"
     args.lr = args.lr or MEMORIZE_LR["ntp" if args.loss == "ntp" else "grpo"]
@@ -264,7 +265,8 @@ def command_memorize(args) -> None:
     )
     print(f"memorized {token_ids.numel()} tokens into {memory.width} slots x {memory.num_layers} layers ({args.init})")
     if not args.train_steps:
-        print("not trained (--train-steps 0): its values are zero, so the model is unchanged until it is trained")
+        inert = "" if memory.down.any() else ": its values are zero, so the model is unchanged"  # (init gradient)
+        print(f"not trained (--train-steps 0){inert}")
     else:
         rewards = []  # GRPO's, before and after all training, on a draw no step trains on (index train_steps)
         if grpo:
@@ -285,6 +287,8 @@ def command_memorize(args) -> None:
         memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss=args.loss)
         if grpo:
             memory.metadata.update(grpo=dataclasses.asdict(grpo))
+    if not all(tensor.isfinite().all() for tensor in memory.slot_tensors().values()):
+        raise CommandError(f"training diverged (NaN or inf in the memory) at --lr {args.lr}; lower --lr")
     memory.save(out)
     print(f"wrote {out}")
 
@@ -345,13 +349,17 @@ def command_export(args) -> None:
     memory = _read_memory(args.memory)
     if args.index is None and memory.batch_size > 1:
         raise CommandError(
-            f"{args.memory} holds {memory.batch_size} memories (one per document); pick one with --index 0..."
+            f"{args.memory} holds {memory.batch_size} memories (one per document); pick one with --index 0.."
             f"{memory.batch_size - 1}"
         )
     if args.index is not None and not 0 <= args.index < memory.batch_size:
         raise CommandError(
             f"--index {args.index}: {args.memory} holds {memory.batch_size} "
-            f"{'memory' if memory.batch_size == 1 else 'memories'}; use --index 0..{memory.batch_size - 1}"
+            + (
+                "memory; drop --index"
+                if memory.batch_size == 1
+                else f"memories; use --index 0..{memory.batch_size - 1}"
+            )
         )
     model, tokenizer = _load(args)
     locas_model = _locas_model(model, memory)
@@ -673,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=MEMORIZE_TRAIN_STEPS,
         help="training steps of --loss after memorizing (ntp+grpo: N NTP steps, then N GRPO steps); 0 keeps the "
-        "memory as memorized, with zero values: the model unchanged until trained (default: %(default)s)",
+        "memory as memorized (values zero, the model unchanged, except with --init gradient) (default: %(default)s)",
     )
     memorize.add_argument(
         "--loss",
@@ -1086,9 +1094,10 @@ def _trainer_flags(message: str) -> str:
     memory_init -> --init), so that it names what to change on the command line."""
     from locas.training.online import OnlineConfig
 
-    for field in dataclasses.fields(OnlineConfig):
+    for field in dataclasses.fields(OnlineConfig):  # only where a value or a rule follows: "lr 0.01", "lr must"
         flag = "--init" if field.name == "memory_init" else "--" + field.name.replace("_", "-")
-        message = re.sub(rf"(?<![\w\-/.']){field.name}(?![\w\-/.'])", flag, message)
+        value = r"(?=\s+(?:[\d'\"\-]|must\b|is\b|>=)|=)"
+        message = re.sub(rf"(?<![\w\-/.']){field.name}{value}", flag, message)
     return message
 
 
@@ -1116,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _quiet_transformers(), warnings.catch_warnings():
             warnings.showwarning = lambda message, *_, **__: print(
-                f"locas {args.command}: warning: {message}", file=sys.stderr
+                f"locas {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
             )
             args.run(args)
     except (CommandError, ModelLoadError, OSError, ValueError, IndexError) as error:

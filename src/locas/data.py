@@ -23,28 +23,27 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def encode_prefix_tokens(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+def first_tokens(tokenizer, text: str, max_tokens: int | None) -> list[int]:
     """The first `max_tokens` tokens of `text` (no special tokens; all of them for None), as tokenising the
     whole text gives them, from tokenising only a prefix: 8 characters per token, doubled until it suffices.
 
-    The prefix ends before a space that follows a non-space. No token spans that point (byte-level BPE such
-    as SmolLM2's or Llama 3's pre-tokenises words there, SentencePiece BPE such as Gemma's has no piece
-    across it), so the prefix's tokens are the text's; it must give more than `max_tokens` of them, so that
-    at least the last one, the nearest to the cut, is dropped. For a tokenizer without that property, a prefix
-    twice as long must give the same tokens, else the whole text is tokenised.
+    The prefix ends before a space that follows a non-space, where byte-level BPE (SmolLM2's, Llama 3's) cuts
+    words, and it must give more than `max_tokens` tokens, so that at least the one nearest to the cut is
+    dropped. A tokenizer may still merge across that point (Gemma's has a few such pieces), so the tokens are
+    kept only when a prefix cut at a later point gives the same ones; else the whole text is tokenised.
     """
     if max_tokens is not None and max_tokens < 0:
         raise ValueError(f"max_tokens must be None or at least 0, got {max_tokens}")
     end = len(text) if max_tokens is None else 8 * max(max_tokens, 1)
-    shorter = None  # the kept tokens of the last prefix that had enough
+    shorter, shorter_cut = None, 0  # the kept tokens of the last prefix that had enough, and where it ended
     while end < len(text):
         cut = _word_end(text, end)
-        if cut > 0:
+        if cut > shorter_cut:
             token_ids = _encode(tokenizer, text[:cut])[: max_tokens + 1]
             if len(token_ids) > max_tokens:
                 if token_ids[:max_tokens] == shorter:
                     return shorter
-                shorter = token_ids[:max_tokens]
+                shorter, shorter_cut = token_ids[:max_tokens], cut
         end *= 2
     return _encode(tokenizer, text)[:max_tokens]
 

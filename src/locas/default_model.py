@@ -326,7 +326,7 @@ def _load_from_hub(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedMode
         "nor in the Hugging Face cache"
     )
     fix = "pass a local path or one of the embedded names"
-    if hub_constants.is_offline_mode():
+    if hub_constants.HF_HUB_OFFLINE:  # (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, read at import)
         raise ModelLoadError(f"{unknown}, and HF_HUB_OFFLINE forbids downloading it; {fix}.")
     if not _hub_answers():
         raise ModelLoadError(f"{unknown}, and the hub ({hub_constants.ENDPOINT}) cannot be reached; {fix}.")

@@ -63,8 +63,14 @@ def weight_signature(model: PreTrainedModel, count: int = 16) -> torch.Tensor:
     rows = []
     for mlp in family.mlps(model):
         down = family.read(mlp).down.detach().reshape(-1)
-        rows.append(down[torch.linspace(0, down.numel() - 1, count, device=down.device).long()].float().cpu())
+        rows.append(down[spread_positions(down.numel(), count).to(down.device)].float().cpu())
     return torch.stack(rows)
+
+
+def spread_positions(size: int, count: int) -> torch.Tensor:
+    """`count` evenly spread positions in 0..size-1, the first and the last included, computed in integers (a
+    float32 linspace rounds past the end of a tensor of more than 2^24 numbers)."""
+    return torch.arange(count, dtype=torch.long) * (size - 1) // max(count - 1, 1)
 
 
 def token_nll(
@@ -133,17 +139,18 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
             f"this memory was made for {made_for} but the model is {base_description(model)}; "
             "load it onto the base model it was made for"
         )
-    # Same architecture, other weights (e.g. a base vs an instruct checkpoint): allowed, but said.
+    # Same architecture, other weights (another init or a retrained checkpoint; a light fine-tune can stay within
+    # the tolerances): allowed, but said.
     stored_scales = memory.metadata.get("output_scales")
     stored_signature = memory.metadata.get("weight_signature")  # absent from older files
     differs = stored_scales is not None and not torch.allclose(
         torch.tensor(stored_scales, dtype=torch.float32), output_scales(model).cpu(), rtol=1e-2
     )
     if stored_signature is not None:
-        stored = torch.tensor(stored_signature, dtype=torch.float32)
+        signature = torch.tensor(stored_signature, dtype=torch.float32)
         # A bfloat16 or float16 copy of the same weights moves them by < 0.4%; other weights, by ~100%.
-        drift = (weight_signature(model, stored.shape[1]) - stored).norm(dim=1)
-        differs = differs or bool((drift > 1e-2 * stored.norm(dim=1)).any())
+        drift = (weight_signature(model, signature.shape[1]) - signature).norm(dim=1)
+        differs = differs or bool((drift > 1e-2 * signature.norm(dim=1)).any())
     if differs:
         warnings.warn(
             f"this memory was made for {memory.metadata.get('base_model', '?')!r}, whose MLP weights differ "
@@ -331,6 +338,8 @@ class LocasModel(nn.Module):
 
     def attach_memory(self, memory: Memory) -> Memory:
         """Check `memory` against the backbone, move it to the backbone's device and make it active."""
+        if not self._hooks:
+            raise ValueError("this LocasModel was detached from its model; wrap the model again: LocasModel(model)")
         check_memory(memory, self.model)
         self.memory = memory.to(self.device)
         return self.memory

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locas.data import encode_prefix_tokens, read_text
+from locas.data import first_tokens, read_text
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.training.online import OnlineConfig, OnlineResult, run_online_batch, same_settings, settings_changes
 
@@ -81,7 +81,7 @@ def read_book(
 ) -> Book:
     """The book's first `max_tokens` tokens (no special tokens); ValueError when they make less than one chunk."""
     path = Path(path)
-    token_ids = encode_prefix_tokens(tokenizer, read_text(path), max_tokens)
+    token_ids = first_tokens(tokenizer, read_text(path), max_tokens)
     if len(token_ids) < chunk_size:
         raise ValueError(f"book {str(path)!r} has {len(token_ids)} tokens, fewer than one chunk of {chunk_size}")
     return Book(path.stem, path, torch.tensor(token_ids, dtype=torch.long))
