@@ -287,7 +287,7 @@ def command_memorize(args) -> None:
         memory.metadata.update(train_steps=args.train_steps, lr=args.lr, loss=args.loss)
         if grpo:
             memory.metadata.update(grpo=dataclasses.asdict(grpo))
-    if not all(tensor.isfinite().all() for tensor in memory.slot_tensors().values()):
+    if memory.non_finite():
         raise CommandError(f"training diverged (NaN or inf in the memory) at --lr {args.lr}; lower --lr")
     memory.save(out)
     print(f"wrote {out}")

@@ -122,6 +122,11 @@ class Memory(nn.Module):
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in SLOT_TENSORS if getattr(self, name) is not None}
 
+    def non_finite(self) -> str | None:
+        """The name of the first tensor (up, gate, down, tau) holding NaN or inf, or None."""
+        tensors = {**self.slot_tensors(), "tau": self.tau}
+        return next((name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
+
     def _new(self, metadata_update: dict | None = None, **tensors: torch.Tensor) -> Memory:
         return Memory(**tensors, metadata={**self.metadata, **(metadata_update or {})})
 
@@ -301,17 +306,16 @@ class Memory(nn.Module):
         missing = [name for name in ("up", "down", "tau") if name not in tensors]
         if missing or metadata.get("gated") != ("gate" in tensors):
             raise ValueError(f"{str(path)!r} is an incomplete locas memory (missing tensors: {missing or ['gate']})")
-        for name, tensor in tensors.items():
-            if name in (*SLOT_TENSORS, "tau") and not torch.isfinite(tensor).all():
-                raise ValueError(
-                    f"{str(path)!r} holds non-finite values (NaN or inf) in {name!r}; it is corrupt: "
-                    "memorize or train it again"
-                )
         for key in ("format_version", "width", "gated"):
             metadata.pop(key, None)
         memory = cls(
             up=tensors["up"], gate=tensors.get("gate"), down=tensors["down"], tau=tensors["tau"], metadata=metadata
         )
+        if name := memory.non_finite():
+            raise ValueError(
+                f"{str(path)!r} holds non-finite values (NaN or inf) in {name!r}; it is corrupt: "
+                "memorize or train it again"
+            )
         if problem := _metadata_problem(metadata, memory.num_layers):
             raise ValueError(f"{str(path)!r} has unreadable locas metadata ({problem})")
         return memory
