@@ -27,7 +27,7 @@ from pathlib import Path
 from locas.default_model import load_model
 from locas.evaluation import forgetting, mmlu
 from locas.evaluation.pg19 import open_state_folder, read_book, save_figure, write_json
-from locas.training.online import PRESETS, OnlineConfig, same_settings, settings_changes
+from locas.training.config import PRESETS, OnlineConfig, same_settings, settings_changes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

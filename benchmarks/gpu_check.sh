@@ -27,7 +27,8 @@ case "${1:-eager}" in
     python3 - <<'PY' 2>&1 | tee "$out/equal.log"
 import dataclasses, torch
 from transformers import AutoModelForCausalLM, Qwen3Config
-from locas.training.online import OnlineConfig, run_online
+from locas.training.config import OnlineConfig
+from locas.training.online import run_online
 config = Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 torch.manual_seed(0)

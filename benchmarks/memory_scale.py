@@ -21,7 +21,7 @@ import torch
 
 from locas.data import window_prefix
 from locas.evaluation import pg19
-from locas.memorize import memorize
+from locas.initialization import memorize
 from locas.model import LocasModel, output_scales
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locas.evaluation import pg19
-from locas.training.online import PRESETS, OnlineConfig, lora_target_modules, saved_config
+from locas.training.config import PRESETS, OnlineConfig, saved_config
+from locas.training.online import lora_target_modules
 
 REPO = Path(__file__).resolve().parents[1]
 PG19 = REPO.parent / "shared" / "data" / "pg19"

@@ -41,9 +41,10 @@ import torch
 
 from locas.allocator import keep_freed_memory_on_request
 from locas.evaluation.pg19 import save_figure, write_json
-from locas.memorize import memorize
+from locas.initialization import memorize
 from locas.merge import to_dense
-from locas.training.online import COMPILE_MODES, OnlineConfig, _optimizer, make_learner, train_chunk
+from locas.training.config import COMPILE_MODES, OnlineConfig
+from locas.training.online import _optimizer, make_learner, train_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_SHAPES = {  # hidden, MLP width, layers, attention heads, key/value heads (head_dim 128, vocab 151,936)

@@ -13,8 +13,9 @@ from transformers.integrations import sdpa_attention
 from locas import attention
 from locas.model import LocasModel
 from locas.training import online
+from locas.training.config import OnlineConfig
 from locas.training.offline import train_on_windows
-from locas.training.online import OnlineConfig, run_online
+from locas.training.online import run_online
 
 
 def sdpa_model():

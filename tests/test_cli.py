@@ -278,6 +278,45 @@ def test_python_dash_m_help() -> None:
         assert command in result.stdout
 
 
+HEAVY_MODULES = ("torch", "transformers", "safetensors", "huggingface_hub", "peft")
+
+
+def test_help_and_usage_errors_answer_before_torch_is_imported() -> None:
+    """--help and a bad option are answered from the parser alone: nothing heavy is imported, so they take a
+    fraction of a second (torch and transformers take seconds) and a Ctrl-C there has nothing to interrupt."""
+    code = f"""
+import sys
+from locas.cli import main
+for argv in (["--help"], ["eval", "pg19", "--help"], ["eval", "locomo", "--help"], ["memorize", "--help"],
+             ["nll", "x.txt", "--window", "1"], ["eval", "pg19", "b.txt", "--out", "o.json", "--init", "no"]):
+    try:
+        main(argv)
+    except SystemExit as exit:
+        assert exit.code in (0, 2), (argv, exit.code)
+    else:
+        raise AssertionError(argv)
+print(sorted({{name.split(".")[0] for name in sys.modules}} & set({HEAVY_MODULES!r})))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert "locas nll: error: argument --window: must be at least 2 (tokens), got 1" in result.stderr
+    assert "locas eval pg19: error: argument --init: invalid choice: 'no'" in result.stderr
+
+
+def test_interrupted_while_importing_torch_is_one_line(monkeypatch, capsys) -> None:
+    """Ctrl-C during the first seconds of a command (torch and transformers loading): exit 130, one line."""
+
+    class Importing(type(sys)):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "locas.default_model", Importing("locas.default_model"))
+    code, out, err = run(capsys, "nll", "book.txt")
+    assert (code, out) == (130, "")
+    assert err == "locas nll: interrupted; nothing was written\n"
+
+
 # --- bad input: one line on stderr, exit 2, nothing written --------------------------------------------
 
 
@@ -611,17 +650,17 @@ def trainer_configs(*flags: str) -> dict:
 @pytest.fixture
 def default_is_not_paper(monkeypatch: pytest.MonkeyPatch) -> None:
     """A `default` preset unlike `paper` (as once the sweep has run), so that a test sees which one was used."""
-    from locas.training import online
+    from locas.training import config as training_config
 
     best = {
-        "locas": {**online.PAPER["locas"], "lr": 1e-2, "width": 128, "tau_rule": "neuron"},
-        "lora": {**online.PAPER["lora"], "lr": 3e-4, "lora_rank": 16, "lora_targets": "q_proj,v_proj"},
+        "locas": {**training_config.PAPER["locas"], "lr": 1e-2, "width": 128, "tau_rule": "neuron"},
+        "lora": {**training_config.PAPER["lora"], "lr": 3e-4, "lora_rank": 16, "lora_targets": "q_proj,v_proj"},
     }
-    monkeypatch.setitem(online.PRESETS, "default", best)
+    monkeypatch.setitem(training_config.PRESETS, "default", best)
 
 
 def test_preset_paper_gives_the_papers_settings(default_is_not_paper) -> None:
-    from locas.training.online import OnlineConfig
+    from locas.training.config import OnlineConfig
 
     configs = trainer_configs("--preset", "paper")
     paper_locas = dict(lr=4e-3, steps_per_chunk=1, width=64, memory_init="highest", tau_rule="paper")

@@ -5,7 +5,8 @@ from conftest import shared_data, tiny_model
 from tokenizers import processors
 
 from locas.data import first_tokens, split_windows, window_prefix
-from locas.training.online import OnlineConfig, run_online
+from locas.training.config import OnlineConfig
+from locas.training.online import run_online
 
 
 def bos_tokenizer():

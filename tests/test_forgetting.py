@@ -24,7 +24,7 @@ from locas.evaluation.forgetting import paired_bootstrap, pooled_perplexity
 from locas.evaluation.pg19 import Book, read_book
 from locas.model import token_nll
 from locas.training import online
-from locas.training.online import OnlineConfig
+from locas.training.config import OnlineConfig
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 

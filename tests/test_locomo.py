@@ -26,7 +26,7 @@ from locas.evaluation.locomo import (
     training_config,
 )
 from locas.memory import Memory
-from locas.training.online import OnlineConfig
+from locas.training.config import OnlineConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,8 @@ import locas
 import locas.default_model
 from locas.evaluation import mmlu
 from locas.evaluation.mmlu import HEADER, Question
-from locas.training.online import OnlineConfig, OnlineResult, run_online, trained
+from locas.training.config import OnlineConfig
+from locas.training.online import OnlineResult, run_online, trained
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 

@@ -9,16 +9,9 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from locas.training import grpo
+from locas.training.config import GRPO_LOSSES, OnlineConfig, same_settings
 from locas.training.losses import LossInputs, mix, ntp, sd
-from locas.training.online import (
-    GRPO_LOSSES,
-    ChunkRecord,
-    OnlineConfig,
-    chunk_spans,
-    run_online,
-    run_online_batch,
-    same_settings,
-)
+from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
 SMALL = dict(chunk_size=16, context_window=16, width=8, lora_rank=4)
 
@@ -526,7 +519,7 @@ def test_the_tau_rule_tells_locas_runs_apart_and_no_other():
 
 
 def test_keys_learn_at_their_own_rate_and_frozen_keys_stay_the_memorized_ones():
-    from locas.memorize import memorize
+    from locas.initialization import memorize
     from locas.model import LocasModel
 
     model, tokens = tiny_model("llama"), stream(64)
@@ -583,10 +576,10 @@ def test_the_paper_preset_is_the_papers_settings():
 
 
 def test_a_preset_fills_only_the_options_not_given(monkeypatch):
-    from locas.training import online
+    from locas.training import config as training_config
 
     best = {"locas": {**PAPER_LOCAS, "lr": 1e-2, "tau_rule": "neuron"}, "lora": {**PAPER_LORA, "lora_rank": 8}}
-    monkeypatch.setitem(online.PRESETS, "default", best)
+    monkeypatch.setitem(training_config.PRESETS, "default", best)
     assert OnlineConfig(method="locas").resolved().lr == 1e-2
     assert OnlineConfig(method="locas").resolved().tau_rule == "neuron"
     assert OnlineConfig(method="locas", preset="paper").resolved().lr == 4e-3

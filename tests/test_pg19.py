@@ -18,7 +18,8 @@ import locas.default_model
 from locas.cli import main
 from locas.evaluation import pg19
 from locas.training import grpo, online
-from locas.training.online import ChunkRecord, OnlineConfig, OnlineResult, chunk_spans
+from locas.training.config import OnlineConfig
+from locas.training.online import ChunkRecord, OnlineResult, chunk_spans
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 

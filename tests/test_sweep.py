@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from cli_fixtures import SENTENCES, TEXT, save_tiny_model, tiny_tokenizer
 
-from locas.training import online
-from locas.training.online import OnlineConfig
+from locas.training.config import PAPER, PRESETS, OnlineConfig
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
@@ -60,7 +59,7 @@ def finished(files: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("finished") / "points.jsonl"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep, "GRIDS", TINY_GRIDS)
-        patch.setitem(online.PRESETS, "default", online.PAPER)  # one preset point per method, then the grid
+        patch.setitem(PRESETS, "default", PAPER)  # one preset point per method, then the grid
         assert sweep.main(sweep_argv(files, out)) == 0
     return {"out": out, "rows": [json.loads(line) for line in out.read_text().splitlines()]}
 
@@ -109,7 +108,7 @@ def test_a_restarted_sweep_runs_only_the_points_not_in_the_file(
         return run_books(model, tokenizer, books, label, config, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
-    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)
+    monkeypatch.setitem(PRESETS, "default", PAPER)
     monkeypatch.setattr(sweep.pg19, "run_books", counted)
     assert sweep.main(sweep_argv(files, out)) == 0
     lora = sorted((row["method"], row["config"]["lr"]) for row in finished["rows"] if row["method"] == "lora")
@@ -130,13 +129,13 @@ def test_other_books_are_other_points(files: dict, finished: dict, tmp_path: Pat
     out = tmp_path / "points.jsonl"
     out.write_text(finished["out"].read_text())
     monkeypatch.setattr(sweep, "GRIDS", TINY_GRIDS)
-    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)
+    monkeypatch.setitem(PRESETS, "default", PAPER)
     assert sweep.main(sweep_argv(files, out, "--max-tokens", "48", "--dry-run")) == 0
     assert capsys.readouterr().out.count("to run") == 5
 
 
 def test_points_per_method_paper_first_then_the_grid_in_order(monkeypatch) -> None:
-    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)  # (else the default point comes first)
+    monkeypatch.setitem(PRESETS, "default", PAPER)  # (else the default point comes first)
     points = sweep.sweep_points(BASE, ["locas", "lora"], max_points=5, grid="wide")
     assert [p.method for p in points].count("locas") == [p.method for p in points].count("lora") == 5
     locas = [p for p in points if p.method == "locas"]
@@ -166,9 +165,9 @@ def test_points_per_method_paper_first_then_the_grid_in_order(monkeypatch) -> No
 
 
 def test_the_default_preset_is_the_first_point(monkeypatch) -> None:
-    monkeypatch.setitem(online.PRESETS, "default", online.PAPER)  # the same settings: one point
+    monkeypatch.setitem(PRESETS, "default", PAPER)  # the same settings: one point
     assert [p.kind for p in sweep.sweep_points(BASE, ["lora"], None, grid="presets")] == ["reference", "paper"]
-    monkeypatch.setitem(online.PRESETS, "default", {"lora": {**online.PAPER["lora"], "lr": 1e-3}})
+    monkeypatch.setitem(PRESETS, "default", {"lora": {**PAPER["lora"], "lr": 1e-3}})
     points = sweep.sweep_points(BASE, ["lora"], max_points=3)
     assert [p.kind for p in points] == ["reference", "default", "paper", "grid"]
     assert points[1].config.lr == 1e-3 and points[1].config.lora_rank == 64
@@ -184,8 +183,8 @@ def test_pareto_front_of_hand_made_points() -> None:
 
 
 def test_the_table_lists_each_methods_pareto_best_points(monkeypatch) -> None:
-    default = {**online.PRESETS["default"], "locas": {**online.PAPER["locas"], "lr": 0.01}}
-    monkeypatch.setitem(online.PRESETS, "default", default)
+    default = {**PRESETS["default"], "locas": {**PAPER["locas"], "lr": 0.01}}
+    monkeypatch.setitem(PRESETS, "default", default)
 
     def row(method: str, kind: str, ppl: float, seconds: float, params: int, config: OnlineConfig) -> dict:
         knobs = {name: getattr(config, name) for name in sweep.knob_names(method)}
@@ -216,8 +215,8 @@ def test_the_table_lists_each_methods_pareto_best_points(monkeypatch) -> None:
 
 
 def test_a_grid_point_equal_to_the_default_runs_once(monkeypatch) -> None:
-    default = {**online.PAPER["lora"], "lr": sweep.LORA_GRID[0]["lr"][0], "steps_per_chunk": 1}
-    monkeypatch.setitem(online.PRESETS, "default", {**online.PRESETS["default"], "lora": default})
+    default = {**PAPER["lora"], "lr": sweep.LORA_GRID[0]["lr"][0], "steps_per_chunk": 1}
+    monkeypatch.setitem(PRESETS, "default", {**PRESETS["default"], "lora": default})
     points = sweep.sweep_points(BASE, ["lora"], None)
     assert [p.kind for p in points[:3]] == ["reference", "default", "paper"]
     assert points[1].config == OnlineConfig(method="lora", chunk_size=16, context_window=16).resolved()
@@ -232,8 +231,8 @@ def test_named_points_replace_the_presets_and_the_grid(files: dict, tmp_path: Pa
     points = sweep.sweep_points(BASE, ["lora"], None, named=named)
     assert [p.kind for p in points] == ["reference", "grid", "grid"]
     first, second = (p.config for p in points[1:])
-    assert (first.lr, first.steps_per_chunk, first.lora_rank) == (2e-4, 1, online.PAPER["lora"]["lora_rank"])
-    assert second.lora_targets == "q_proj,v_proj" and second.lr == online.PAPER["lora"]["lr"]  # the paper's otherwise
+    assert (first.lr, first.steps_per_chunk, first.lora_rank) == (2e-4, 1, PAPER["lora"]["lora_rank"])
+    assert second.lora_targets == "q_proj,v_proj" and second.lr == PAPER["lora"]["lr"]  # the paper's otherwise
     alpha = sweep.parse_point("lora_alpha=64 max_width=None width=8")
     assert alpha == {"lora_alpha": 64.0, "max_width": None, "width": 8} and isinstance(alpha["lora_alpha"], float)
     assert (

@@ -41,3 +41,11 @@ def test_split_windows_refuses_too_little():
         split_windows(torch.tensor([5]), window=8)
     with pytest.raises(ValueError, match="window must be at least 2"):
         split_windows(torch.arange(10), window=1)
+
+
+def test_the_config_names_every_token_loss() -> None:
+    """The CLI's --loss choices come from `training.config` (no torch); the losses themselves from `LOSSES`."""
+    from locas.training.config import TOKEN_LOSSES
+    from locas.training.losses import LOSSES
+
+    assert tuple(LOSSES) == TOKEN_LOSSES

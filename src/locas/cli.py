@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from locas.evaluation.locomo import Conversation
     from locas.memory import Memory
-    from locas.training.online import OnlineConfig
+    from locas.training.config import OnlineConfig
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -106,9 +106,11 @@ def positive_fraction(text: str) -> float:
 
 
 def category(text: str) -> int:
+    from locas.evaluation.config import CATEGORIES
+
     value = int(text)
-    if value not in range(1, 6):
-        raise argparse.ArgumentTypeError(f"LoCoMo categories are 1-5, got {value}")
+    if value not in CATEGORIES:
+        raise argparse.ArgumentTypeError(f"LoCoMo categories are {min(CATEGORIES)}-{max(CATEGORIES)}, got {value}")
     return value
 
 
@@ -128,6 +130,8 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
 
 
 def device_name(text: str) -> str:
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError as error:
@@ -139,6 +143,8 @@ def device_name(text: str) -> str:
 
 def _load(args, device: str | None = None):
     """The model and tokenizer of --model, --dtype, on `device` (default: --device)."""
+    import torch
+
     from locas.default_model import load_model
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -161,6 +167,8 @@ def _read_memory(path: str) -> Memory:
 
 
 def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Tensor:
+    import torch
+
     from locas.data import first_tokens
 
     token_ids = torch.tensor(first_tokens(tokenizer, text, max_tokens), dtype=torch.long)
@@ -311,6 +319,8 @@ def command_nll(args) -> None:
 
 
 def command_generate(args) -> None:
+    import torch
+
     if not args.prompt.strip():
         raise CommandError("the prompt is empty; pass some text to continue")
     memory = _read_memory(args.memory) if args.memory else None
@@ -339,6 +349,7 @@ def command_generate(args) -> None:
 
 
 def command_export(args) -> None:
+    import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(args.out)
@@ -400,7 +411,7 @@ def command_export(args) -> None:
 
 def _online_config(args) -> OnlineConfig:
     """The trainer's settings from the options named after `OnlineConfig`'s fields (see `_trainer_options`)."""
-    from locas.training.online import OnlineConfig
+    from locas.training.config import OnlineConfig
 
     config = OnlineConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
@@ -526,7 +537,10 @@ def _read_adapter(path: str):
     (returned as a Path) or an adapter file of `locas eval locomo` (adapters/ID.pt, returned as an OnlineResult)."""
     import pickle
 
-    from locas.training.online import OnlineResult, saved_config
+    import torch
+
+    from locas.training.config import saved_config
+    from locas.training.online import OnlineResult
 
     source = Path(path)
     fix = "pass a peft adapter folder (save_pretrained) or an adapters/ID.pt file of 'locas eval locomo'"
@@ -625,9 +639,8 @@ def command_eval_forgetting(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from locas.memorize import MEMORY_INITS
-    from locas.model import TAU_RULES
-    from locas.training.online import GRPO_LOSSES
+    from locas.config import MEMORY_INITS, TAU_RULES
+    from locas.training.config import GRPO_LOSSES
 
     parser = ArgumentParser(prog="locas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -735,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _preset_default(option: str) -> str:
     """For --help: the default preset's value of `option`, per method that has it (e.g. 'locas 0.004, lora 5e-05')."""
-    from locas.training.online import PRESETS
+    from locas.training.config import PRESETS
 
     values = [(method, values[option]) for method, values in PRESETS["default"].items() if option in values]
     shown = values[0][1] if len(values) == 1 else ", ".join(f"{method} {value}" for method, value in values)
@@ -745,9 +758,8 @@ def _preset_default(option: str) -> str:
 def _trainer_options() -> argparse.ArgumentParser:
     """The online trainer's options, named after `OnlineConfig`'s fields, shared by the benchmarks. The options a
     preset sets default to None: `OnlineConfig.resolved` fills them from --preset, so explicit flags win."""
-    from locas.memorize import MEMORY_INITS
-    from locas.model import TAU_RULES
-    from locas.training.online import COMPILE_MODES, PRESETS, TRAINING_LOSSES
+    from locas.config import MEMORY_INITS, TAU_RULES
+    from locas.training.config import COMPILE_MODES, PRESETS, TRAINING_LOSSES
 
     parser = argparse.ArgumentParser(add_help=False)
     options = parser.add_argument_group("online training (each method's memory or adapter)")
@@ -840,7 +852,7 @@ def _trainer_options() -> argparse.ArgumentParser:
 
 def _add_grpo_options(group, batch: str) -> None:
     """The --grpo-* options (`OnlineConfig`'s grpo_ fields, with its defaults); `batch`: what one GRPO batch is of."""
-    from locas.training.online import OnlineConfig
+    from locas.training.config import OnlineConfig
 
     default = OnlineConfig()
     group.add_argument(
@@ -968,7 +980,7 @@ rank 0 writes the results."""
 
 
 def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
-    from locas.evaluation.locomo import CONDITIONS
+    from locas.evaluation.config import CONDITIONS
 
     locomo = benchmarks.add_parser(
         "locomo",
@@ -1092,7 +1104,7 @@ def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> 
 def _trainer_flags(message: str) -> str:
     """A trainer message with `OnlineConfig`'s field names as the eval commands' flags (chunk_size -> --chunk-size,
     memory_init -> --init), so that it names what to change on the command line."""
-    from locas.training.online import OnlineConfig
+    from locas.training.config import OnlineConfig
 
     for field in dataclasses.fields(OnlineConfig):  # only where a value or a rule follows: "lr 0.01", "lr must"
         flag = "--init" if field.name == "memory_init" else "--" + field.name.replace("_", "-")
@@ -1116,18 +1128,14 @@ def _quiet_transformers():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from locas.allocator import keep_freed_memory_on_request
-    from locas.default_model import ModelLoadError
-
-    args = build_parser().parse_args(argv)
-    if getattr(args, "device", None) is None or torch.device(args.device).type == "cpu":
-        keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before torch is imported
     try:
-        with _quiet_transformers(), warnings.catch_warnings():
-            warnings.showwarning = lambda message, *_, **__: print(
-                f"locas {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
-            )
-            args.run(args)
+        from locas.default_model import ModelLoadError
+    except KeyboardInterrupt:
+        print(f"locas {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        _run(args)
     except (CommandError, ModelLoadError, OSError, ValueError, IndexError) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         if hasattr(args, "chunk_size") and not isinstance(error, CommandError):
@@ -1139,6 +1147,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locas {args.command}: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _run(args) -> None:
+    import torch
+
+    from locas.allocator import keep_freed_memory_on_request
+
+    if getattr(args, "device", None) is None or torch.device(args.device).type == "cpu":
+        keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
+    with _quiet_transformers(), warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"locas {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
+        )
+        args.run(args)
 
 
 if __name__ == "__main__":

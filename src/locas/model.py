@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from locas.config import TAU_RULES
 from locas.families import MLPFamily, family_of
 from locas.memory import Memory
 
@@ -157,22 +158,6 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
             f"from those of {base_description(model)}; it may not transfer",
             stacklevel=_user_stacklevel(),
         )
-
-
-# How a new memory's output scale tau is set, per (layer, slot). `paper` and `neuron` read the layer's mean
-# backbone output-vector norm: under `paper` a memory of any width adds at most about one neuron's output
-# vector, under `neuron` each slot is as strong as an average backbone neuron. Neither looks at how strongly the
-# unit-norm keys fire on the model's own hidden states, which differs by model: on the embedded SmolLM2-135M
-# (MLP inputs of norm ~3) `paper` lets the whole memory move an MLP output by ~0.2%, on Gemma-3-270M (inputs of
-# norm ~15) by ~7%. `output` measures it on the text memorised: per layer, tau is set so that the memory with
-# every value vector at full (unit) norm and aligned adds `output_ratio` times the layer's median MLP output
-# norm (`memorize.measured_tau`). Every rule folds into the merged weights, so `to_dense` stays exact.
-TAU_RULES = {
-    "paper": "mean backbone output-vector norm / width",
-    "neuron": "mean backbone output-vector norm",
-    "output": "output_ratio x the layer's median MLP output norm / the memory's summed slot activations, "
-    "measured on the memorized text",
-}
 
 
 class LocasModel(nn.Module):
@@ -345,8 +330,8 @@ class LocasModel(nn.Module):
         return self.memory
 
     def memorize(self, input_ids: torch.Tensor, **kwargs) -> Memory:
-        """Initialise and attach a memory from one forward pass; see `locas.memorize.memorize`."""
-        from locas.memorize import memorize
+        """Initialise and attach a memory from one forward pass; see `locas.initialization.memorize`."""
+        from locas.initialization import memorize
 
         return self.attach_memory(memorize(self, input_ids, **kwargs))
 
@@ -374,7 +359,7 @@ def attach(
     locas_model = LocasModel(model, tau_rule=tau_rule, output_ratio=output_ratio)
     try:
         if memory is None:
-            from locas.memorize import random_memory
+            from locas.initialization import random_memory
 
             memory = random_memory(locas_model, width=width, seed=seed)
         locas_model.attach_memory(memory)

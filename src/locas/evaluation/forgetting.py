@@ -25,7 +25,8 @@ from locas.data import window_prefix
 from locas.evaluation.mmlu import Subject, score_mmlu
 from locas.evaluation.pg19 import Book
 from locas.model import token_nll
-from locas.training.online import OnlineConfig, run_online, trained
+from locas.training.config import OnlineConfig
+from locas.training.online import run_online, trained
 
 BOOTSTRAP_BATCH = 10_000_000  # resampled indices held in memory at once
 

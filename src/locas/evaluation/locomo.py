@@ -45,19 +45,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from locas.evaluation.config import CATEGORIES, CONDITIONS, WITH_CONTEXT
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
 from locas.model import LocasModel, encode_prefix
-from locas.training.online import OnlineConfig, OnlineResult, run_online, same_settings, settings_changes, trained
+from locas.training.config import OnlineConfig, same_settings, settings_changes
+from locas.training.online import OnlineResult, run_online, trained
 
-CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 OFFICIAL_COUNTS = {1: 282, 2: 321, 3: 96, 4: 841, 5: 446}
 OFFICIAL_CONVERSATIONS = 10
 REPORT_ORDER = (4, 1, 3, 2, 5)  # the Locas paper's table: single-hop, multi-hop, open-domain, temporal, adversarial
-CONDITIONS = ("none", "full", "locas", "locas+full", "lora", "lora+full")
-WITH_CONTEXT = {"none": "full", "locas": "locas+full", "lora": "lora+full"}  # the same, dialogue in the prompt
 ABSTENTION_PHRASES = ("no information available", "not mentioned")  # the official category-5 rule
 
 INSTRUCTION = (

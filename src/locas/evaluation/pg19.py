@@ -32,7 +32,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.data import first_tokens, read_text
 from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
-from locas.training.online import OnlineConfig, OnlineResult, run_online_batch, same_settings, settings_changes
+from locas.training.config import OnlineConfig, same_settings, settings_changes
+from locas.training.online import OnlineResult, run_online_batch
 
 MARKS = (50_000, 100_000, 150_000, 200_000)  # tokens read: the paper's PPL@50K ... PPL@200K
 PERCENTS = tuple(range(10, 101, 10))  # of the tokens read: the curve's deciles

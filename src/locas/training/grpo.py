@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from locas.data import window_prefix
 from locas.evaluation.token_f1 import token_f1
 from locas.model import LocasModel
+from locas.training.config import GrpoSettings
 
 # reward_fn(completion_ids, answer) -> reward: the sampled tokens before the first EOS (1-D, on the CPU)
 # and the prompt's `answer` (whatever grpo_step was given for that prompt, None when nothing was).
@@ -89,39 +90,6 @@ def grpo_loss(
     """(clipped policy loss + beta * KL, the KL), both scalars normalised per sequence then over sequences."""
     kl = kl_to_reference(logp, ref_logp, mask)
     return clipped_policy_loss(logp, old_logp, advantages, mask, clip_epsilon) + beta * kl, kl
-
-
-# --- settings --------------------------------------------------------------------------------------
-
-
-@dataclass
-class GrpoSettings:
-    """Knobs of GRPO training; the recall task's prompt and continuation lengths are in tokens."""
-
-    group_size: int = 4  # completions sampled per prompt
-    temperature: float = 1.0
-    max_new_tokens: int = 16
-    clip_epsilon: float = 0.2
-    beta: float = 0.04  # weight of the KL to the memory-less model
-    updates_per_batch: int = 1  # optimiser steps on each sampled batch
-    prompt_tokens: int = 64
-    continuation_tokens: int = 16
-    prompts_per_chunk: int = 4
-    seed: int = 0
-
-    def __post_init__(self) -> None:  # every message starts with the field's name (OnlineConfig prefixes grpo_)
-        positive = ("max_new_tokens", "updates_per_batch", "prompt_tokens", "continuation_tokens", "prompts_per_chunk")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be at least 2 (advantages compare completions), got {self.group_size}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0 <= self.clip_epsilon < 1:
-            raise ValueError(f"clip_epsilon must be in [0, 1), got {self.clip_epsilon}")
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
 
 
 # --- one GRPO step ---------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from locas.config import MEMORY_INITS
 from locas.memory import Memory
 from locas.model import token_nll
 
 if TYPE_CHECKING:
     from locas.model import LocasModel
-
-MEMORY_INITS = ("highest", "lowest", "random_index", "random", "gradient")
 
 
 def _normalize(rows: torch.Tensor) -> torch.Tensor:

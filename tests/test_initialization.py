@@ -3,7 +3,7 @@ import torch
 from conftest import GATED_FAMILIES, MLP_FAMILIES, tiny_model
 
 import locas
-from locas.memorize import neuron_scores, select_neurons
+from locas.initialization import neuron_scores, select_neurons
 
 
 def hand_scores(locas_model, tokens, mask=None, scored=None):
@@ -281,7 +281,7 @@ def test_memorize_leaves_no_values_in_layers_that_do_not_run_the_memory(tokens):
 
 
 def test_measured_tau_refuses_a_pass_over_other_text(tokens):
-    from locas.memorize import backbone_pass, measured_tau
+    from locas.initialization import backbone_pass, measured_tau
 
     locas_model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
     memory = locas_model.memorize(tokens, keep_top=4)
