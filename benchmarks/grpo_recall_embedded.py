@@ -28,7 +28,8 @@ from locas.default_model import load_model
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.model import LocasModel
 from locas.training import train_on_windows
-from locas.training.grpo import GrpoSettings, grpo_train_text, mean_recall_reward
+from locas.training.config import GrpoSettings
+from locas.training.grpo import grpo_train_text, mean_recall_reward
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO.parent / "shared" / "data" / "pg19" / "349.txt"

@@ -288,7 +288,8 @@ def test_help_and_usage_errors_answer_before_torch_is_imported() -> None:
 import sys
 from locas.cli import main
 for argv in (["--help"], ["eval", "pg19", "--help"], ["eval", "locomo", "--help"], ["memorize", "--help"],
-             ["nll", "x.txt", "--window", "1"], ["eval", "pg19", "b.txt", "--out", "o.json", "--init", "no"]):
+             ["nll", "x.txt", "--window", "1"], ["eval", "pg19", "b.txt", "--out", "o.json", "--init", "no"],
+             ["nll", "x.txt", "--device", "cpu", "--window", "1"]):
     try:
         main(argv)
     except SystemExit as exit:

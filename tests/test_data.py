@@ -120,7 +120,8 @@ def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
 def test_probe_windows_and_grpo_prompts_start_with_the_prefix_too(one_thread):
     from locas.evaluation.forgetting import probe_perplexity
     from locas.evaluation.pg19 import Book
-    from locas.training.grpo import GrpoSettings, _recall_batch
+    from locas.training.config import GrpoSettings
+    from locas.training.grpo import _recall_batch
 
     tokenizer, bos = bos_tokenizer()
     tokens = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(0))

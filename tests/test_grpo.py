@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from locas.model import attach
 from locas.training import grpo
+from locas.training.config import GrpoSettings
 from locas.training.grpo import (
-    GrpoSettings,
     _completion_log_probs,
     _left_padded,
     clipped_policy_loss,

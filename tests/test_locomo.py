@@ -8,8 +8,8 @@ import torch
 from cli_fixtures import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
+from locas.evaluation.config import CONDITIONS
 from locas.evaluation.locomo import (
-    CONDITIONS,
     OFFICIAL_COUNTS,
     QASettings,
     answer_questions,

@@ -38,3 +38,15 @@ def test_import_locas_and_the_configs_need_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_submodules_and_lazy_names_are_listed_and_reachable_after_import_locas() -> None:
+    code = (
+        "import locas, locas.training\n"
+        "print(locas.model.token_nll.__name__, locas.training.online.run_online.__name__)\n"
+        "print('train_on_windows' in dir(locas.training), 'memorize' in dir(locas))\n"
+        "print(hasattr(locas, 'no_such_module'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["token_nll", "run_online", "True", "True", "False"]

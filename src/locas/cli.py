@@ -129,16 +129,21 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
     return parse
 
 
-def device_name(text: str) -> str:
+def _check_device(args) -> None:
+    """--device, checked once torch is imported (parsing never imports it); a bad one is a usage error."""
     import torch
 
+    if getattr(args, "device", None) is None:
+        return
     try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use --device cpu")
-    return text
+        device = torch.device(args.device)
+    except RuntimeError:
+        problem = f"{args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    else:
+        if device.type != "cuda" or torch.cuda.is_available():
+            return
+        problem = f"{args.device!r}: CUDA is not available here; use --device cpu"
+    raise CommandError(f"argument --device: {problem} (see 'locas {args.command} --help')")
 
 
 def _load(args, device: str | None = None):
@@ -655,9 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: the checkpoint's on a GPU, float32 on a CPU (half precision is far slower there)",
     )
-    model_options.add_argument(
-        "--device", type=device_name, default=None, help="e.g. cpu, cuda, cuda:1 (default: where it loads)"
-    )
+    model_options.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where it loads)")
     text_options = argparse.ArgumentParser(add_help=False)
     text_options.add_argument("text_file", help="UTF-8 text file")
     text_options.add_argument(
@@ -1135,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locas {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        _run(args)
+        _run_command(args)
     except (CommandError, ModelLoadError, OSError, ValueError, IndexError) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         if hasattr(args, "chunk_size") and not isinstance(error, CommandError):
@@ -1149,11 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args) -> None:
+def _run_command(args) -> None:
     import torch
 
     from locas.allocator import keep_freed_memory_on_request
 
+    _check_device(args)
     if getattr(args, "device", None) is None or torch.device(args.device).type == "cpu":
         keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
     with _quiet_transformers(), warnings.catch_warnings():

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from locas.lazy_imports import lazy_names
 
 if TYPE_CHECKING:
     from locas.training.losses import LOSSES, LossInputs
@@ -19,8 +20,4 @@ _MODULE_OF = {
 }
 __all__ = ["LOSSES", "LossInputs", "train_on_windows"]
 
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'locas.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

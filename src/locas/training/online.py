@@ -15,7 +15,7 @@ Methods: `locas` (a memory, memorized from chunk `memorize_at` before training o
 `lora` (TempLoRA: a peft LoRA adapter trained the same way), `none` (the backbone with the same window)
 and `long` (the backbone with a `long_factor`x longer window).
 
-Presets (`PRESETS`): each method's hyperparameters (lr, steps per chunk, width, init, tau rule; LoRA rank,
+Presets (`config.PRESETS`): each method's hyperparameters (lr, steps per chunk, width, init, tau rule; LoRA rank,
 alpha, targets), filled into the options an `OnlineConfig` leaves at None. `paper` is the paper's Locas and
 TempLoRA's published defaults; `default` is what a run gets without naming a preset.
 """
