@@ -74,6 +74,39 @@ def spread_positions(size: int, count: int) -> torch.Tensor:
     return torch.arange(count, dtype=torch.long) * (size - 1) // max(count - 1, 1)
 
 
+def check_token_ids(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> None:
+    """Refuse token ids `model` cannot read, naming the problem and the fix: not a tensor (TypeError), not
+    integers, not (batch, seq), ids outside the vocabulary, more tokens than learned positions (GPT-2's
+    `n_positions`), or an attention mask of another shape (ValueError)."""
+    if not isinstance(input_ids, torch.Tensor):
+        hint = "pass encoding['input_ids']" if hasattr(input_ids, "keys") else "wrap them: torch.tensor([ids])"
+        raise TypeError(f"input_ids must be a tensor of shape (batch, seq), got {type(input_ids).__name__}; {hint}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}; use input_ids.long()")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        hint = "; add the batch axis: input_ids.unsqueeze(0)" if input_ids.dim() == 1 else ""
+        raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}{hint}")
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocabulary:
+        raise ValueError(
+            f"input_ids hold ids outside the model's vocabulary 0..{vocabulary - 1} (min {int(input_ids.min())}, "
+            f"max {int(input_ids.max())}): tokenize with the model's own tokenizer"
+        )
+    positions = getattr(model.config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
+    if positions is not None and input_ids.shape[1] > positions:
+        raise ValueError(
+            f"{input_ids.shape[1]} tokens in a sequence, but this model has {positions} positions "
+            "(config.n_positions); use shorter windows"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+            "they must match"
+        )
+
+
 def token_nll(
     logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
