@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import locas
@@ -195,15 +196,26 @@ def save_with_header(path, memory, header: str):
     return path
 
 
-def test_loading_refuses_non_finite_values(tmp_path):
+def test_saving_and_loading_refuse_non_finite_values(tmp_path):
     for name, value in (("down", float("nan")), ("tau", float("inf")), ("up", -float("inf"))):
         memory = random_memory()
+        path = memory.save(tmp_path / f"{name}.safetensors")
         with torch.no_grad():
             getattr(memory, name)[1, 0, 2] = value
-        path = memory.save(tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=f"this memory's {name} holds NaN or inf .* it is not saved"):
+            memory.save(tmp_path / "diverged.safetensors")
+        assert not (tmp_path / "diverged.safetensors").exists()
+        tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
+        tensors[name][1, 0, 2] = value  # a file corrupted after it was written
+        save_file(tensors, str(path), metadata=metadata)
         problem = f"{path}' holds non-finite values (NaN or inf) in '{name}'; it is corrupt: memorize or train it again"
         with pytest.raises(ValueError, match=re.escape(problem)):
             Memory.load(path)
+
+
+def test_stacking_no_memories_says_so():
+    with pytest.raises(ValueError, match="no memories to stack"):
+        Memory.stack([])
 
 
 def test_loading_refuses_corrupt_metadata_naming_the_file(tmp_path):

@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 from conftest import GATED_FAMILIES, tiny_model
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, OPTForCausalLM
 
 import locas
 from locas.model import LocasModel, output_scales, spread_positions
@@ -225,3 +227,142 @@ def test_the_weight_signature_positions_stay_inside_large_matrices(size):
     positions = spread_positions(size, 16)
     assert positions[0] == 0 and positions[-1] == size - 1
     assert bool((positions[1:] > positions[:-1]).all())
+
+
+# --- every way of using a memory checks it; bad inputs are named ----------------------------------------
+
+
+def test_a_memory_for_another_model_is_refused_wherever_it_is_passed(tokens):
+    llama = LocasModel(tiny_model("llama"))
+    foreign = with_random_values(LocasModel(tiny_model("gpt2")), width=4)
+    wider = LocasModel(tiny_model("llama", seed=1))  # other weights, same architecture: used, with a warning
+    for use in (
+        lambda: llama.compute_nll(tokens, memory=foreign),
+        lambda: llama.using(foreign).__enter__(),
+        lambda: LocasModel(tiny_model("llama"), memory=foreign),
+    ):
+        with pytest.raises(ValueError, match="this memory was made for .*gpt2.* but the model is .*llama"):
+            use()
+    assert llama.memory is None
+    assert llama.compute_nll(tokens, memory=with_random_values(wider, width=4)).isfinite().all()
+
+
+def test_a_refused_memory_leaves_the_model_unwrapped(tokens):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="made for"):
+        LocasModel(model, memory=with_random_values(LocasModel(tiny_model("gpt2")), width=4))
+    assert memory_hooks(model) == [] and LocasModel.wrapping(model) is None
+
+
+def test_the_mismatch_message_names_the_mlp_widths():
+    narrow = tiny_model("llama")
+    wide = AutoModelForCausalLM.from_config(LlamaConfig(**{**narrow.config.to_dict(), "intermediate_size": 56}))
+    memory = locas.attach(narrow, width=4).memory
+    with pytest.raises(ValueError, match=r"MLP width 48, fingerprint .* but the model is .*MLP width 56"):
+        locas.attach(wide, memory=memory)
+
+
+def test_a_detached_model_refuses_a_memory_passed_for_one_use(tokens):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    memory = with_random_values(locas_model, width=4)
+    locas_model.detach()
+    for use in (lambda: locas_model.compute_nll(tokens, memory=memory), lambda: locas_model.using(memory).__enter__()):
+        with pytest.raises(ValueError, match="was detached from its model; wrap the model again"):
+            use()
+    assert locas_model.compute_nll(tokens).isfinite().all()  # the bare backbone, as asked
+
+
+def test_a_wrapper_no_longer_held_is_found_by_wrapping_and_detached(tokens):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        expected = model(tokens).logits
+    LocasModel(model).compute_nll(tokens)  # the wrapper is gone, its hooks are not
+    with pytest.raises(ValueError, match=r"LocasModel\.wrapping\(model\)\.detach\(\) if you no longer hold it"):
+        LocasModel(model)
+    LocasModel.wrapping(model).detach()
+    assert LocasModel.wrapping(model) is None and memory_hooks(model) == []
+    with torch.no_grad():
+        assert torch.equal(LocasModel(model)(tokens).logits, expected)
+
+
+def test_a_copy_of_a_wrapped_model_is_the_bare_backbone_and_can_be_wrapped(tokens):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        expected = model(tokens).logits
+    locas_model = locas.attach(model, width=4)
+    memory = locas_model.attach_memory(with_random_values(locas_model, width=4))
+    copied = copy.deepcopy(model)  # carries the hooks, inert on it
+    with torch.no_grad():
+        assert torch.equal(copied(tokens).logits, expected)
+        with_memory = locas_model(tokens).logits
+    assert not torch.equal(with_memory, expected)
+    second = LocasModel(copied, memory=memory)  # the copied hooks are dropped
+    assert len(memory_hooks(copied)) == 2 and LocasModel.wrapping(copied) is second
+    with torch.no_grad():
+        torch.testing.assert_close(second(tokens).logits, with_memory)
+        assert torch.equal(locas_model(tokens).logits, with_memory)  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "fragment"),
+    [
+        (lambda ids: ids[0], ValueError, r"got \(24,\); add the batch axis: input_ids\.unsqueeze\(0\)"),
+        (lambda ids: ids.float(), ValueError, r"integer token ids, got torch\.float32; use input_ids\.long\(\)"),
+        (lambda ids: {"input_ids": ids}, TypeError, r"got dict; pass encoding\['input_ids'\]"),
+        (lambda ids: ids.tolist(), TypeError, r"got list; wrap them: torch\.tensor\(\[ids\]\)"),
+        (lambda ids: ids + 200, ValueError, r"outside the model's vocabulary 0\.\.127 .*own tokenizer"),
+        (lambda ids: ids[:, :0], ValueError, r"shape \(batch, seq\) with seq >= 1"),
+    ],
+)
+def test_token_ids_a_model_cannot_read_are_named(tokens, make, error, fragment):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    for use in (lambda: locas_model.compute_nll(make(tokens)), lambda: locas_model.memorize(make(tokens), keep_top=4)):
+        with pytest.raises(error, match=fragment):
+            use()
+
+
+def test_a_mask_of_another_shape_and_too_many_positions_are_named(tokens):
+    gpt2 = locas.attach(tiny_model("gpt2"), width=4)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 23\), input_ids \(2, 24\)"):
+        gpt2.compute_nll(tokens, attention_mask=torch.ones(2, 23, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"300 tokens in a sequence, but this model has 256 positions"):
+        gpt2.compute_nll(torch.zeros(1, 300, dtype=torch.long))
+
+
+def test_a_model_without_its_language_model_head_is_refused():
+    with pytest.raises(ValueError, match="LlamaModel has no language-model head: load the causal LM"):
+        LocasModel(tiny_model("llama").model)
+
+
+def test_wrapping_puts_the_backbone_in_eval_mode(tokens):
+    model = tiny_model("llama").train()
+    locas_model = LocasModel(model)
+    assert not model.training and not any(module.training for module in model.modules())
+    assert torch.equal(locas_model.compute_nll(tokens), locas_model.compute_nll(tokens))
+
+
+@pytest.mark.parametrize("width", [0, -3, 8.0, True])
+def test_attach_refuses_a_width_that_is_not_a_positive_integer(width):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=rf"memory width \(keep_top\) must be a positive integer, got {width!r}"):
+        locas.attach(model, width=width)
+    assert memory_hooks(model) == []
+
+
+def test_the_module_level_functions_say_they_take_a_locas_model(tokens):
+    model = tiny_model("llama")
+    memory = locas.attach(tiny_model("llama"), width=4).memory
+    with pytest.raises(TypeError, match=r"to_dense takes a LocasModel, got LlamaForCausalLM: wrap the model"):
+        locas.to_dense(model, memory)
+    with pytest.raises(
+        TypeError, match=r"made for a LocasModel, got LlamaForCausalLM: .*LocasModel\(model\)\.memorize"
+    ):
+        locas.memorize(model, tokens)
+
+
+def test_a_diverged_memory_is_not_merged(tokens):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    with torch.no_grad():
+        locas_model.memory.down[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="this memory's down holds NaN or inf .* it cannot be merged"):
+        locas_model.to_dense()

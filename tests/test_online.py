@@ -1,6 +1,7 @@
 import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from locas.training import grpo
-from locas.training.config import GRPO_LOSSES, OnlineConfig, same_settings
+from locas.training.config import GRPO_LOSSES, GrpoSettings, OnlineConfig, same_settings
 from locas.training.losses import LossInputs, mix, ntp, sd
 from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
@@ -234,6 +235,93 @@ def test_method_defaults_and_refusals():
         run_online(tiny_model("llama"), stream(10), OnlineConfig(**SMALL), progress=False)
 
 
+def test_run_online_takes_one_stream_and_refuses_several_rows_or_ids_it_cannot_read():
+    model, config = tiny_model("llama"), OnlineConfig(method="none", **SMALL)
+    tokens = stream(48)
+    flat = run_online(model, tokens, config, progress=False)
+    assert scores(run_online(model, tokens.unsqueeze(0), config, progress=False)) == scores(flat)  # (1, N)
+    with pytest.raises(ValueError, match=r"token_ids has shape \(2, 24\).*run_online_batch"):
+        run_online(model, tokens.view(2, 24), config, progress=False)  # was: the rows run as one stream
+    with pytest.raises(ValueError, match=r"token_ids must be integer token ids, got torch.float32"):
+        run_online(model, tokens.float(), config, progress=False)
+    with pytest.raises(TypeError, match=r"token_ids must be a 1-D tensor of token ids, got list"):
+        run_online(model, tokens.tolist(), config, progress=False)
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary 0..127 \(min \d+, max 128\)"):
+        run_online(model, torch.cat([tokens, torch.tensor([128])]), config, progress=False)
+    with pytest.raises(ValueError, match=r"documents\[1\] has shape \(2, 24\)"):
+        run_online_batch(model, [tokens, tokens.view(2, 24)], config, progress=False)
+    with pytest.raises(ValueError, match="documents must be a list"):
+        run_online_batch(model, tokens, config, progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, terms",
+    [
+        (dict(method="none", chunk_size=64, context_window=256), "chunk_size 64 \\+ context_window 256 = 320"),
+        (
+            dict(method="long", chunk_size=16, context_window=64, long_factor=4),
+            "chunk_size 16 \\+ context_window 64 x long_factor 4 = 272",
+        ),
+        (
+            dict(method="locas", loss="sd", chunk_size=16, context_window=16, teacher_window=256),
+            "chunk_size 16 \\+ teacher_window 256 = 272",
+        ),
+    ],
+)
+def test_windows_longer_than_the_models_positions_are_refused_up_front(options, terms):
+    """GPT-2 learns `n_positions` positions (256 for the tiny one): a longer window fails deep in the forward."""
+    model = tiny_model("gpt2")
+    config = OnlineConfig(**{**SMALL, **options})
+    with pytest.raises(ValueError, match=f"longest window is {terms} tokens, but the model has 256 positions"):
+        run_online(model, stream(400), config, progress=False)
+    with pytest.raises(ValueError, match="256 positions"):
+        run_online_batch(model, [stream(400), stream(300, seed=1)], config, progress=False)
+    run_online(model, stream(240), config, progress=False)  # a text shorter than the window: shorter windows
+
+
+def test_a_text_with_no_more_than_memorize_at_chunks_is_refused():
+    model, config = tiny_model("llama"), OnlineConfig(method="locas", memorize_at=10, lr=1e-2, **SMALL)
+    with pytest.raises(ValueError, match="memorize_at=10, but the text has 3 chunks of 16 tokens"):
+        run_online(model, stream(48), config, progress=False)  # was: nothing trained, the `none` numbers
+    with pytest.raises(ValueError, match="memorize_at=2, but document 1 has 2 chunks"):
+        run_online_batch(model, [stream(48), stream(32)], dataclasses.replace(config, memorize_at=2), progress=False)
+    assert run_online(model, stream(48), dataclasses.replace(config, memorize_at=2), progress=False).memory is not None
+
+
+def test_numeric_options_of_the_wrong_type_are_refused_by_name():
+    cases = [
+        (dict(lr="1e-3"), "lr must be a number, got '1e-3' \\(str\\)"),
+        (dict(chunk_size=64.0), "chunk_size must be an integer, got 64.0 \\(float\\)"),
+        (dict(width=True), "width must be an integer, got True \\(bool\\)"),
+        (dict(method="lora", lora_alpha="8"), "lora_alpha must be a number, got '8' \\(str\\)"),
+        (dict(max_width=12.5), "max_width must be an integer, got 12.5"),
+        (dict(loss="grpo", grpo_temperature="hot"), "grpo_temperature must be a number, got 'hot'"),
+        (dict(method="lora", lora_targets=["q_proj"]), "lora_targets must be a string"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            OnlineConfig(**options).resolved()
+    config = OnlineConfig(lr=1, output_ratio=1, max_width=None, chunk_size=np.int64(16), context_window=16).resolved()
+    assert config.lr == 1 and config.chunk_size == 16  # a float option takes an int; an int one numpy's ints
+    with pytest.raises(ValueError, match="prompt_tokens must be an integer, got 6.0"):
+        GrpoSettings(prompt_tokens=6.0)
+
+
+def test_the_resume_refusal_names_the_preset_as_an_option(tmp_path):
+    """A Python user passes preset='paper'; the CLI shows the same message with its flags."""
+    from locas.cli import _trainer_flags
+
+    model, config, state = tiny_model("llama"), OnlineConfig(method="none", **SMALL), tmp_path / "state.pt"
+    run_online(model, stream(48), config, state_path=state, progress=False)
+    with pytest.raises(ValueError, match="used other settings") as refused:
+        run_online(model, stream(48), dataclasses.replace(config, chunk_size=8), state_path=state, progress=False)
+    message = str(refused.value)
+    assert "(e.g. preset='paper' for a run saved before the default changed)" in message and "--" not in message
+    assert "(--chunk-size 16 -> 8); pass its settings to resume it (e.g. --preset='paper' for a run" in (
+        _trainer_flags(message)
+    )
+
+
 def test_records_round_trip_as_plain_data():
     record = ChunkRecord(index=0, start=0, end=16, targets=15, nll_sum=3.0, seconds=0.1)
     assert ChunkRecord(**dataclasses.asdict(record)) == record
@@ -402,6 +490,21 @@ def test_grpo_losses_are_refused_where_they_cannot_run(text_model):
             run_online(new_model(), tokens, config, progress=False)
         with pytest.raises(ValueError, match="one document at a time"):
             run_online_batch(new_model(), [tokens, tokens], config, progress=False, tokenizer=tokenizer)
+
+
+def test_grpo_refuses_chunks_too_short_for_a_recall_prompt_and_its_continuation():
+    """Every chunk would go untrained (all rewards None); a shorter last chunk still is (see `text_model`)."""
+    for loss in GRPO_LOSSES:
+        with pytest.raises(
+            ValueError,
+            match="chunk_size 16 is smaller than grpo_prompt_tokens 12 \\+ grpo_continuation_tokens 5 = 17",
+        ):
+            OnlineConfig(
+                loss=loss, **{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 5}
+            ).resolved()
+        OnlineConfig(loss=loss, **{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 4}).resolved()
+    # the options count only under the GRPO losses
+    OnlineConfig(**{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 5}).resolved()
 
 
 def test_unused_grpo_options_do_not_tell_runs_apart():

@@ -16,7 +16,7 @@ import torch
 
 from locas.config import MEMORY_INITS
 from locas.memory import Memory
-from locas.model import token_nll
+from locas.model import check_token_ids, token_nll
 
 if TYPE_CHECKING:
     from locas.model import LocasModel
@@ -40,13 +40,25 @@ def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pr
     return mask
 
 
-def _check_inputs(input_ids: torch.Tensor, width: int, memory_init: str) -> None:
+def _check_model_and_width(model: LocasModel, width: int) -> None:
+    from locas.model import LocasModel
+
+    if not isinstance(model, LocasModel):
+        raise TypeError(
+            f"a memory is made for a LocasModel, got {type(model).__name__}: wrap the model first, "
+            "LocasModel(model).memorize(...) (which also attaches the memory)"
+        )
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+        raise ValueError(f"memory width (keep_top) must be a positive integer, got {width!r}")
+
+
+def _check_inputs(
+    model: LocasModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, width: int, memory_init: str
+) -> None:
+    _check_model_and_width(model, width)
     if memory_init not in MEMORY_INITS:
         raise ValueError(f"unknown memory_init {memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
-    if width <= 0:
-        raise ValueError(f"memory width (keep_top) must be a positive integer, got {width}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+    check_token_ids(model.model, input_ids, attention_mask)
 
 
 @contextmanager
@@ -149,6 +161,7 @@ def _random_keys(model: LocasModel, width: int, batch_size: int, seed: int) -> t
 def random_memory(model: LocasModel, width: int, batch_size: int = 1, seed: int = 0) -> Memory:
     """Gaussian unit-norm keys (and gates), zero values: no cloning. (The `output` tau rule needs a text:
     `memorize(..., memory_init="random")`.)"""
+    _check_model_and_width(model, width)
     up, gate = _random_keys(model, width, batch_size, seed)
     return Memory(
         up=up,
@@ -274,8 +287,9 @@ def memorize(
     respect to each layer's MLP output, normalised jointly over layers. With `per_sequence` each
     sequence gets its own memory (batch axis); otherwise all non-padding tokens make one memory. The first
     `prefix_length` tokens of every row (`data.window_prefix`, e.g. `<bos>`) are run but not scored.
+    Returns the memory without attaching it: `LocasModel.memorize` attaches.
     """
-    _check_inputs(input_ids, keep_top, memory_init)
+    _check_inputs(model, input_ids, attention_mask, keep_top, memory_init)
     if not 0 <= prefix_length < input_ids.shape[1]:
         raise ValueError(
             f"prefix_length {prefix_length} leaves no token of the {input_ids.shape[1]}-token rows to score; "

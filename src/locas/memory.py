@@ -201,6 +201,8 @@ class Memory(nn.Module):
     @classmethod
     def stack(cls, memories: list[Memory]) -> Memory:
         """One memory whose batch holds `memories` in order (same layers, width and base model), each with its tau."""
+        if not memories:
+            raise ValueError("no memories to stack: pass a list of one or more")
         first = memories[0]
         for other in memories[1:]:
             first._check_compatible(other, batch=False)
@@ -257,7 +259,10 @@ class Memory(nn.Module):
     # --- files -------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write the tensors and metadata to one safetensors file, atomically."""
+        """Write the tensors and metadata to one safetensors file, atomically; a memory holding NaN or inf (a
+        diverged training) is refused, as `load` would refuse the file."""
+        if (name := self.non_finite()) is not None:
+            raise ValueError(f"this memory's {name} holds NaN or inf (its training diverged): it is not saved")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.slot_tensors().items()}

@@ -10,17 +10,13 @@ concatenation is done in float32 and cast back to the backbone's dtype once.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from locas.families import MLPWeights
 from locas.memory import Memory
-from locas.model import check_memory
-
-if TYPE_CHECKING:
-    from locas.model import LocasModel
+from locas.model import LocasModel, check_memory
 
 
 def _widen(old: torch.Tensor | None, new_rows: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -37,8 +33,15 @@ def to_dense(model: LocasModel, memory: Memory, index: int | None = None) -> Pre
 
     A memory with a batch of several sequences needs `index` to say which one to merge.
     """
+    if not isinstance(model, LocasModel):
+        raise TypeError(
+            f"to_dense takes a LocasModel, got {type(model).__name__}: wrap the model first, "
+            "LocasModel(model) or locas.attach(model)"
+        )
     if memory is None:
         raise ValueError("no memory to merge: attach or pass one")
+    if (name := memory.non_finite()) is not None:
+        raise ValueError(f"this memory's {name} holds NaN or inf (its training diverged): it cannot be merged")
     if memory.batch_size > 1 and index is None:
         raise ValueError(
             f"this memory holds {memory.batch_size} sequences' memories; pass index=0..{memory.batch_size - 1} "

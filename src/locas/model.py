@@ -13,7 +13,8 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ def base_description(model: PreTrainedModel) -> str:
     family = family_of(model)
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return (
-        f"{name!r} ({model.config.model_type}, {len(family.mlps(model))} layers, "
-        f"hidden {model.config.hidden_size}, fingerprint {base_fingerprint(model)})"
+        f"{name!r} ({model.config.model_type}, {len(family.mlps(model))} layers, hidden {model.config.hidden_size}, "
+        f"MLP width {family.read(family.mlps(model)[0]).up.shape[0]}, fingerprint {base_fingerprint(model)})"
     )
 
 
@@ -150,13 +151,22 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _carries_memory_hooks(mlps: list[nn.Module]) -> bool:
-    return any(getattr(hook, "locas_memory_hook", False) for mlp in mlps for hook in mlp._forward_hooks.values())
+def _memory_hooks(mlp: nn.Module) -> dict[int, Callable]:
+    """The LocasModel hooks `mlp` carries, by hook id (a copy of a hooked module carries its original's too)."""
+    return {key: hook for key, hook in mlp._forward_hooks.items() if hasattr(hook, "locas_model")}
 
 
-def check_memory(memory: Memory, model: PreTrainedModel) -> None:
-    """Raise ValueError, naming both, if `memory` was made for another base model than `model`; warn if it was made
-    for other weights of the same architecture."""
+def _remove_copied_hooks(mlp: nn.Module) -> None:
+    """Drop the hooks `mlp` only carries as a copy (copy.deepcopy of a hooked model): they are inert on it."""
+    for key, hook in _memory_hooks(mlp).items():
+        if hook.locas_target() is not mlp:
+            for hooks in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs, mlp._forward_hooks_always_called):
+                hooks.pop(key, None)
+
+
+def check_memory_shape(memory: Memory, model: PreTrainedModel) -> None:
+    """Raise ValueError, naming both, if `memory` was made for another base model than `model` (its layers, sizes,
+    gating or architecture fingerprint differ); cheap enough for every use of a memory."""
     family = family_of(model)
     stored = memory.metadata.get("fingerprint")
     same_shape = (memory.num_layers, memory.hidden_size, memory.gated) == (
@@ -165,14 +175,21 @@ def check_memory(memory: Memory, model: PreTrainedModel) -> None:
         family.gated,
     )
     if not same_shape or (stored is not None and stored != base_fingerprint(model)):
+        mlp_width = f"MLP width {memory.metadata['mlp_width']}, " if "mlp_width" in memory.metadata else ""
         made_for = (
             f"{memory.metadata.get('base_model', '?')!r} ({memory.metadata.get('family', '?')}, "
-            f"{memory.num_layers} layers, hidden {memory.hidden_size}, fingerprint {stored})"
+            f"{memory.num_layers} layers, hidden {memory.hidden_size}, {mlp_width}fingerprint {stored})"
         )
         raise ValueError(
             f"this memory was made for {made_for} but the model is {base_description(model)}; "
             "load it onto the base model it was made for"
         )
+
+
+def check_memory(memory: Memory, model: PreTrainedModel) -> None:
+    """Raise ValueError, naming both, if `memory` was made for another base model than `model`; warn if it was made
+    for other weights of the same architecture."""
+    check_memory_shape(memory, model)
     # Same architecture, other weights (another init or a retrained checkpoint; a light fine-tune can stay within
     # the tolerances): allowed, but said.
     stored_scales = memory.metadata.get("output_scales")
@@ -222,17 +239,40 @@ class LocasModel(nn.Module):
         self.memory_layers = list(range(layers)) if memory_layers is None else sorted(set(memory_layers))
         if not self.memory_layers or not all(0 <= layer < layers for layer in self.memory_layers):
             raise ValueError(f"memory_layers must be some of the model's layers 0..{layers - 1}, got {memory_layers}")
-        if _carries_memory_hooks(self.family.mlps(model)):  # two memories would add up, silently
+        if model.get_output_embeddings() is None:
             raise ValueError(
-                "this model already carries a LocasModel's memory hooks; call .detach() on that LocasModel first, "
-                "or keep using it"
+                f"{type(model).__name__} has no language-model head: load the causal LM, e.g. "
+                "AutoModelForCausalLM.from_pretrained(...)"
+            )
+        for mlp in self.family.mlps(model):
+            _remove_copied_hooks(mlp)
+        if LocasModel.wrapping(model) is not None:  # two memories would add up, silently
+            raise ValueError(
+                "this model already carries a LocasModel's memory hooks; call .detach() on that LocasModel first "
+                "(LocasModel.wrapping(model).detach() if you no longer hold it), or keep using it"
             )
         self.model = model
         self.model.requires_grad_(False)
-        self.memory = memory
+        self.model.eval()  # a frozen backbone: no dropout noise in scores or in the memory's gradients
+        self.memory: Memory | None = None
         self.rows: torch.Tensor | None = None  # which of the memory's batch serve the input's sequences
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._install_hooks()
+        if memory is not None:
+            try:
+                self.attach_memory(memory)
+            except BaseException:
+                self.detach()  # leave no hooks behind on a model the caller keeps
+                raise
+
+    @staticmethod
+    def wrapping(model: PreTrainedModel) -> LocasModel | None:
+        """The LocasModel whose memory hooks `model` carries, or None."""
+        for mlp in family_of(model).mlps(model):
+            for hook in _memory_hooks(mlp).values():
+                if hook.locas_target() is mlp:
+                    return hook.locas_model
+        return None
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -242,13 +282,16 @@ class LocasModel(nn.Module):
             mlp = mlps[layer]
             activation = self.family.activation(mlp)
 
-            def hook(module, args, kwargs, output, layer=layer, activation=activation):
-                if self.memory is None:
+            target = weakref.ref(mlp)  # the hook is inert on a copy of `mlp` (copy.deepcopy keeps hooks)
+
+            def hook(module, args, kwargs, output, layer=layer, activation=activation, target=target):
+                if self.memory is None or module is not target():
                     return output
                 x = args[0] if args else next(iter(kwargs.values()))
                 return output + self.memory.layer_output(layer, x, activation, self.rows)
 
-            hook.locas_memory_hook = True  # how a second LocasModel on this model finds it
+            hook.locas_model = self  # how a second LocasModel on this model finds it (`wrapping`)
+            hook.locas_target = target
             self._hooks.append(mlp.register_forward_hook(hook, with_kwargs=True))
 
     def _remove_hooks(self) -> None:
@@ -275,7 +318,9 @@ class LocasModel(nn.Module):
 
     @contextmanager
     def using(self, memory: Memory | None) -> Iterator[LocasModel]:
-        """Temporarily run with `memory` (None: the bare backbone)."""
+        """Temporarily run with `memory` (None: the bare backbone), checked against the backbone."""
+        if memory is not None:
+            self._check_usable(memory)
         previous = self.memory
         self.memory = memory
         try:
@@ -320,6 +365,9 @@ class LocasModel(nn.Module):
 
         Entry t is -log p(input_ids[:, t + 1] | input_ids[:, : t + 1]); padded targets hold 0.
         """
+        check_token_ids(self.model, input_ids, attention_mask)
+        input_ids = input_ids.to(self.device)
+        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
         memory = self.memory if memory is None else memory
         with torch.no_grad(), self.using(memory):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -335,6 +383,7 @@ class LocasModel(nn.Module):
             "family": self.family.name,
             "num_layers": self.num_layers,
             "hidden_size": self.model.config.hidden_size,
+            "mlp_width": self.family.read(self.family.mlps(self.model)[0]).up.shape[0],
             "init": init,
             "tokens_memorized": tokens_memorized,
             **rule,
@@ -356,11 +405,20 @@ class LocasModel(nn.Module):
 
     def attach_memory(self, memory: Memory) -> Memory:
         """Check `memory` against the backbone, move it to the backbone's device and make it active."""
-        if not self._hooks:
-            raise ValueError("this LocasModel was detached from its model; wrap the model again: LocasModel(model)")
+        self._check_attached()
         check_memory(memory, self.model)
         self.memory = memory.to(self.device)
         return self.memory
+
+    def _check_attached(self) -> None:
+        if not self._hooks:
+            raise ValueError("this LocasModel was detached from its model; wrap the model again: LocasModel(model)")
+
+    def _check_usable(self, memory: Memory) -> None:
+        """A memory passed for one use (`using`, `compute_nll`): made for this backbone; moved to its device."""
+        self._check_attached()
+        check_memory_shape(memory, self.model)
+        memory.to(self.device)  # in place (a Module): an optimiser holding its parameters keeps them
 
     def memorize(self, input_ids: torch.Tensor, **kwargs) -> Memory:
         """Initialise and attach a memory from one forward pass; see `locas.initialization.memorize`."""

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from locas.config import MEMORY_INITS, TAU_RULES
 
 TOKEN_LOSSES = ("ntp", "sd", "mix")  # the keys of `locas.training.losses.LOSSES`
+
+
+def _check_types(settings) -> None:
+    """ValueError naming the first field of the dataclass `settings` whose value is not of its annotated type:
+    an int field takes an integer (not a bool), a float field any real number (not a bool), a str field a
+    string; None only where the annotation allows it."""
+    kinds = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "str": (str, "a string")}
+    for f in dataclasses.fields(settings):
+        names = [name.strip() for name in str(f.type).split("|")]  # annotations are strings (see the import)
+        value = getattr(settings, f.name)
+        if (value is None and "None" in names) or names[0] not in kinds:
+            continue
+        kind, what = kinds[names[0]]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{f.name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -31,6 +47,7 @@ class GrpoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:  # every message starts with the field's name (OnlineConfig prefixes grpo_)
+        _check_types(self)
         positive = ("max_new_tokens", "updates_per_batch", "prompt_tokens", "continuation_tokens", "prompts_per_chunk")
         for name in positive:
             if getattr(self, name) < 1:
@@ -199,6 +216,7 @@ class OnlineConfig:
 
     def _check(self) -> None:
         """ValueError naming the first bad option of a resolved config."""
+        _check_types(self)
         if self.memory_init not in MEMORY_INITS:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
         if self.tau_rule not in TAU_RULES:
@@ -242,6 +260,14 @@ class OnlineConfig:
             )
         if self.uses_grpo:
             self.grpo_settings()  # ValueError for a bad grpo_ option
+            needed = self.grpo_prompt_tokens + self.grpo_continuation_tokens
+            if self.chunk_size < needed:  # (a shorter last chunk is not trained on by GRPO either)
+                raise ValueError(
+                    f"chunk_size {self.chunk_size} is smaller than grpo_prompt_tokens {self.grpo_prompt_tokens} + "
+                    f"grpo_continuation_tokens {self.grpo_continuation_tokens} = {needed}: GRPO cuts its recall "
+                    f"prompts and their continuations from one chunk, so no chunk would be trained on; make the "
+                    "prompt and continuation shorter or the chunk longer"
+                )
 
     @property
     def window(self) -> int:

@@ -38,6 +38,7 @@ from locas.data import window_prefix
 from locas.evaluation.token_f1 import token_f1
 from locas.model import LocasModel
 from locas.training.config import GrpoSettings
+from locas.training.offline import NO_MEMORY
 
 # reward_fn(completion_ids, answer) -> reward: the sampled tokens before the first EOS (1-D, on the CPU)
 # and the prompt's `answer` (whatever grpo_step was given for that prompt, None when nothing was).
@@ -373,7 +374,7 @@ def grpo_train_text(
         )
     memory = locas_model.memory
     if memory is None:
-        raise ValueError("no memory attached: call attach() or memorize() first")
+        raise ValueError(NO_MEMORY)
     optimizer = torch.optim.AdamW(memory.parameters(), lr=lr, weight_decay=0.0)
     stats = []
     bar = tqdm(range(steps), desc="GRPO on the memory", unit="step", disable=not progress)

@@ -44,7 +44,7 @@ from locas.data import window_prefix
 from locas.families import family_of
 from locas.initialization import memorize
 from locas.memory import Memory
-from locas.model import LocasModel
+from locas.model import LocasModel, check_token_ids
 from locas.training.config import OnlineConfig, same_settings, settings_changes
 from locas.training.grpo import grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
@@ -486,6 +486,52 @@ def train_chunk(
     return outcomes
 
 
+def _check_stream(model: PreTrainedModel, token_ids, name: str) -> torch.Tensor:
+    """`token_ids` (1-D, or (1, N)) as a 1-D stream; TypeError / ValueError naming `name` for anything else
+    (not a tensor, several rows, not integers, ids outside the vocabulary)."""
+    if not isinstance(token_ids, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a 1-D tensor of token ids, got {type(token_ids).__name__}; wrap them: torch.tensor(ids)"
+        )
+    if token_ids.dim() == 2 and token_ids.shape[0] > 1:
+        raise ValueError(
+            f"{name} has shape {tuple(token_ids.shape)}: one text is one 1-D stream of token ids; for several "
+            "texts (each with its own memory) pass a list of 1-D streams to run_online_batch"
+        )
+    if token_ids.dim() not in (1, 2):
+        raise ValueError(f"{name} must be a 1-D stream of token ids, got shape {tuple(token_ids.shape)}")
+    stream = token_ids.reshape(-1)
+    try:  # one token per row: the ids' type and range (the stream is cut into windows: its length is no limit)
+        check_token_ids(model, stream.view(-1, 1))
+    except ValueError as error:
+        raise ValueError(str(error).replace("input_ids", name)) from None
+    return stream
+
+
+def _check_windows(model: PreTrainedModel, config: OnlineConfig, longest_document: int, prefix: list[int]) -> None:
+    """ValueError naming the options to shrink when a window of the run holds more tokens than the model has
+    learned positions (`config.n_positions`, GPT-2)."""
+    positions = getattr(model.config, "n_positions", None)
+    if positions is None:
+        return
+    window = f"context_window {config.context_window}"
+    if config.method == "long":
+        window += f" x long_factor {config.long_factor}"
+    windows = [(config.window, window)]
+    if config.token_loss in NEEDS_TEACHER:
+        windows.append((config.teacher_window, f"teacher_window {config.teacher_window}"))
+    previous, terms = max(windows, key=lambda pair: pair[0])
+    terms = f"chunk_size {config.chunk_size} + {terms}"
+    if prefix:
+        terms += f" + {len(prefix)} prefix token (the tokenizer's bos)"
+    tokens = previous + config.chunk_size + len(prefix)
+    if min(previous + config.chunk_size, longest_document) + len(prefix) > positions:
+        raise ValueError(
+            f"this run's longest window is {terms} = {tokens} tokens, but the model has {positions} positions "
+            "(config.n_positions); make these options smaller"
+        )
+
+
 def _fingerprint(token_ids: torch.Tensor) -> str:
     return hashlib.sha256(token_ids.cpu().numpy().tobytes()).hexdigest()
 
@@ -502,7 +548,8 @@ def run_online(
     on_chunk: Callable[[ChunkRecord, Learner], None] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> OnlineResult:
-    """Score-first online training of `config.method` over the 1-D `token_ids`.
+    """Score-first online training of `config.method` over the 1-D `token_ids` (or (1, N); several texts:
+    `run_online_batch`).
 
     `tokenizer` (the model's): every window the model reads starts with its `data.window_prefix` (the bos
     token of tokenizers that add one to every text, as Gemma's; none for SmolLM2 or GPT-2), and the GRPO
@@ -511,6 +558,7 @@ def run_online(
     `save_every` chunks and at the end; a run started again with the same path continues after the last
     saved chunk and ends with the same numbers. The backbone is given back unchanged.
     """
+    token_ids = _check_stream(model, token_ids, "token_ids")
     on_document_chunk = None if on_chunk is None else (lambda row, record, learner: on_chunk(record, learner))
     return run_online_batch(
         model,
@@ -545,7 +593,9 @@ def run_online_batch(
     A record's `seconds` is the batch's time for that chunk divided by the documents in it.
     """
     config = config.resolved()
-    documents = [document.flatten() for document in documents]
+    if isinstance(documents, torch.Tensor) and documents.dim() < 2:
+        raise ValueError("documents must be a list of 1-D token id tensors; for one text use run_online")
+    documents = [_check_stream(model, document, f"documents[{index}]") for index, document in enumerate(documents)]
     if not documents:
         raise ValueError("no documents to train on")
     if config.uses_grpo:  # (resolved: a locas run)
@@ -564,14 +614,22 @@ def run_online_batch(
             name = "the text" if len(documents) == 1 else f"document {index}"
             raise ValueError(f"{name} has {document.numel()} tokens, fewer than one chunk ({config.chunk_size})")
     spans = [chunk_spans(document.numel(), config.chunk_size) for document in documents]
-    if config.method == "locas" and len(documents) > 1 and min(map(len, spans)) <= config.memorize_at:
-        raise ValueError(f"every document must have more than memorize_at={config.memorize_at} chunks")
+    if config.method == "locas" and min(map(len, spans)) <= config.memorize_at:  # else nothing is ever trained
+        chunks = min(map(len, spans))
+        name = "the text has" if len(documents) == 1 else f"document {list(map(len, spans)).index(chunks)} has"
+        raise ValueError(
+            f"memorize_at={config.memorize_at}, but {name} {chunks} chunks of {config.chunk_size} tokens: "
+            f"the memory is made at chunk {config.memorize_at} (counted from 0), so every text needs more than "
+            f"{config.memorize_at} chunks; lower memorize_at or chunk_size"
+        )
+    prefix = [] if tokenizer is None else window_prefix(tokenizer)
+    _check_windows(model, config, max(document.numel() for document in documents), prefix)
     fingerprints = [_fingerprint(document) for document in documents]
     results = [OnlineResult(config=config) for _ in documents]
     state_path = None if state_path is None else Path(state_path)
 
     with _learner(model, config, len(documents)) as learner:
-        learner.prefix = [] if tokenizer is None else window_prefix(tokenizer)
+        learner.prefix = prefix
         optimizer = None
         if state_path is not None and state_path.exists():
             state = torch.load(state_path, weights_only=False)
@@ -580,7 +638,7 @@ def run_online_batch(
             if not same_settings(state["config"], config):
                 raise ValueError(
                     f"the saved run in {state_path} used other settings ({settings_changes(state['config'], config)}); "
-                    "pass its settings to resume it (e.g. --preset paper for a run saved before the default changed), "
+                    "pass its settings to resume it (e.g. preset='paper' for a run saved before the default changed), "
                     "or delete it or choose another output"
                 )
             if state["texts"] != fingerprints:
