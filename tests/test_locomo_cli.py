@@ -223,11 +223,7 @@ def ten_conversations() -> list[dict]:
         ("{data}", ["--conversations", "0,conv-a"], ["conversation conv-a is given twice"]),
         ("{data}", ["--conversations", "1", "--categories", "3,5"], ["--categories selects no question"]),
         ("{data}", ["--context-window", "8"], ["--chunk-size 48 is larger than --context-window 8"]),
-        (
-            "{data}",
-            ["--method", "lora", "--ttt-loss", "grpo", "--grpo-prompt-tokens", "8", "--grpo-continuation-tokens", "4"],
-            ["loss 'grpo' trains a Locas memory", "not a LoRA"],
-        ),
+        ("{data}", ["--method", "lora", "--ttt-loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"]),
         ("{data}", ["--out", "{file}"], ["is a file; name a folder"]),
         ("{data}", ["--out", "{no_folder}"], ["does not exist; create it first"]),
     ],

@@ -235,7 +235,7 @@ def test_the_weight_signature_positions_stay_inside_large_matrices(size):
 def test_a_memory_for_another_model_is_refused_wherever_it_is_passed(tokens):
     llama = LocasModel(tiny_model("llama"))
     foreign = with_random_values(LocasModel(tiny_model("gpt2")), width=4)
-    wider = LocasModel(tiny_model("llama", seed=1))  # other weights, same architecture: used, with a warning
+    other_weights = LocasModel(tiny_model("llama", seed=1))  # same architecture: used (attach_memory would warn)
     for use in (
         lambda: llama.compute_nll(tokens, memory=foreign),
         lambda: llama.using(foreign).__enter__(),
@@ -244,7 +244,7 @@ def test_a_memory_for_another_model_is_refused_wherever_it_is_passed(tokens):
         with pytest.raises(ValueError, match="this memory was made for .*gpt2.* but the model is .*llama"):
             use()
     assert llama.memory is None
-    assert llama.compute_nll(tokens, memory=with_random_values(wider, width=4)).isfinite().all()
+    assert llama.compute_nll(tokens, memory=with_random_values(other_weights, width=4)).isfinite().all()
 
 
 def test_a_refused_memory_leaves_the_model_unwrapped(tokens):
@@ -291,7 +291,8 @@ def test_a_copy_of_a_wrapped_model_is_the_bare_backbone_and_can_be_wrapped(token
         expected = model(tokens).logits
     locas_model = locas.attach(model, width=4)
     memory = locas_model.attach_memory(with_random_values(locas_model, width=4))
-    copied = copy.deepcopy(model)  # carries the hooks, inert on it
+    copied = copy.deepcopy(model)  # carries inert hooks that reference nothing
+    assert [hook.locas_model for hook in memory_hooks(copied)] == [None, None]
     with torch.no_grad():
         assert torch.equal(copied(tokens).logits, expected)
         with_memory = locas_model(tokens).logits
@@ -303,13 +304,26 @@ def test_a_copy_of_a_wrapped_model_is_the_bare_backbone_and_can_be_wrapped(token
         assert torch.equal(locas_model(tokens).logits, with_memory)  # the original is untouched
 
 
+def test_a_copy_of_a_locas_model_runs_its_own_copy_of_the_memory(tokens):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    locas_model.attach_memory(with_random_values(locas_model, width=4))
+    copied = copy.deepcopy(locas_model)
+    assert copied.model is not locas_model.model and copied.memory is not locas_model.memory
+    with torch.no_grad():
+        torch.testing.assert_close(copied(tokens).logits, locas_model(tokens).logits, rtol=0, atol=0)
+        copied.memory.down.mul_(2)
+        assert not torch.equal(copied(tokens).logits, locas_model(tokens).logits)
+    assert LocasModel.wrapping(copied.model) is copied and LocasModel.wrapping(locas_model.model) is locas_model
+
+
 @pytest.mark.parametrize(
     ("make", "error", "fragment"),
     [
         (lambda ids: ids[0], ValueError, r"got \(24,\); add the batch axis: input_ids\.unsqueeze\(0\)"),
-        (lambda ids: ids.float(), ValueError, r"integer token ids, got torch\.float32; use input_ids\.long\(\)"),
+        (lambda ids: ids.float(), ValueError, r"dtype torch\.long, got torch\.float32; use input_ids\.long\(\)"),
+        (lambda ids: ids.int(), ValueError, r"dtype torch\.long, got torch\.int32; use input_ids\.long\(\)"),
         (lambda ids: {"input_ids": ids}, TypeError, r"got dict; pass encoding\['input_ids'\]"),
-        (lambda ids: ids.tolist(), TypeError, r"got list; wrap them: torch\.tensor\(\[ids\]\)"),
+        (lambda ids: ids.tolist(), TypeError, r"got list; make a tensor: .* torch\.tensor\(rows\) for equal-length"),
         (lambda ids: ids + 200, ValueError, r"outside the model's vocabulary 0\.\.127 .*own tokenizer"),
         (lambda ids: ids[:, :0], ValueError, r"shape \(batch, seq\) with seq >= 1"),
     ],
@@ -334,11 +348,16 @@ def test_a_model_without_its_language_model_head_is_refused():
         LocasModel(tiny_model("llama").model)
 
 
-def test_wrapping_puts_the_backbone_in_eval_mode(tokens):
-    model = tiny_model("llama").train()
+def test_wrapping_puts_the_backbone_in_eval_mode_and_detach_gives_its_mode_back(tokens):
+    model = tiny_model("gpt2").train()  # GPT-2 has dropout: in train mode two scores differ
+    assert not torch.equal(model(tokens).logits, model(tokens).logits)
     locas_model = LocasModel(model)
     assert not model.training and not any(module.training for module in model.modules())
     assert torch.equal(locas_model.compute_nll(tokens), locas_model.compute_nll(tokens))
+    assert locas_model.detach().training
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        locas.attach(model, width=0)  # refused: the model is given back as it was
+    assert model.training and memory_hooks(model) == []
 
 
 @pytest.mark.parametrize("width", [0, -3, 8.0, True])

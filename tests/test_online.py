@@ -1,5 +1,6 @@
 import dataclasses
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -242,7 +243,7 @@ def test_run_online_takes_one_stream_and_refuses_several_rows_or_ids_it_cannot_r
     assert scores(run_online(model, tokens.unsqueeze(0), config, progress=False)) == scores(flat)  # (1, N)
     with pytest.raises(ValueError, match=r"token_ids has shape \(2, 24\).*run_online_batch"):
         run_online(model, tokens.view(2, 24), config, progress=False)  # was: the rows run as one stream
-    with pytest.raises(ValueError, match=r"token_ids must be integer token ids, got torch.float32"):
+    with pytest.raises(ValueError, match=r"token_ids must be token ids of dtype torch.long, got torch.float32"):
         run_online(model, tokens.float(), config, progress=False)
     with pytest.raises(TypeError, match=r"token_ids must be a 1-D tensor of token ids, got list"):
         run_online(model, tokens.tolist(), config, progress=False)
@@ -492,19 +493,19 @@ def test_grpo_losses_are_refused_where_they_cannot_run(text_model):
             run_online_batch(new_model(), [tokens, tokens], config, progress=False, tokenizer=tokenizer)
 
 
-def test_grpo_refuses_chunks_too_short_for_a_recall_prompt_and_its_continuation():
-    """Every chunk would go untrained (all rewards None); a shorter last chunk still is (see `text_model`)."""
+def test_grpo_warns_when_no_chunk_can_hold_a_recall_prompt_and_its_continuation(text_model, dense_reward):
+    """Every chunk goes untrained (all rewards None); a shorter last chunk still is (see `text_model`)."""
+    new_model, tokenizer, tokens = text_model
     for loss in GRPO_LOSSES:
-        with pytest.raises(
-            ValueError,
-            match="chunk_size 16 is smaller than grpo_prompt_tokens 12 \\+ grpo_continuation_tokens 5 = 17",
-        ):
-            OnlineConfig(
-                loss=loss, **{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 5}
-            ).resolved()
-        OnlineConfig(loss=loss, **{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 4}).resolved()
-    # the options count only under the GRPO losses
-    OnlineConfig(**{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 5}).resolved()
+        too_long = OnlineConfig(loss=loss, **{**GRPO_SMALL, "grpo_prompt_tokens": 12, "grpo_continuation_tokens": 5})
+        with pytest.warns(UserWarning, match="grpo_prompt_tokens 12 \\+ grpo_continuation_tokens 5 = 17 .* no chunk"):
+            result = run_online(new_model(), tokens[:48], too_long, progress=False, tokenizer=tokenizer)
+        assert all(record.grpo_reward is None for record in result.records)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fits = dataclasses.replace(too_long, grpo_continuation_tokens=4)
+            result = run_online(new_model(), tokens[:48], fits, progress=False, tokenizer=tokenizer)
+        assert any(record.grpo_reward is not None for record in result.records)
 
 
 def test_unused_grpo_options_do_not_tell_runs_apart():

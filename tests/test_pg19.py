@@ -374,12 +374,7 @@ def test_saved_state_in_another_weights_dtype_is_refused(full_run: dict, capsys)
             ["--chunk-size 16 is larger than --context-window 8"],
             True,
         ),
-        (
-            [],
-            ["--method", "lora", "--loss", "grpo", "--grpo-prompt-tokens", "8", "--grpo-continuation-tokens", "4"],
-            ["loss 'grpo' trains a Locas memory", "not a LoRA"],
-            True,
-        ),
+        ([], ["--method", "lora", "--loss", "grpo"], ["loss 'grpo' trains a Locas memory", "not a LoRA"], True),
         (
             [],
             ["--method", "locas", "--loss", "grpo", "--steps-per-chunk", "2"],

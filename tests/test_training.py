@@ -64,7 +64,7 @@ def test_training_checks_its_inputs_and_reads_no_mask_as_all_real_tokens():
     assert losses[1] == losses[0]
     with pytest.raises(ValueError, match=r"shape \(batch, seq\).*unsqueeze\(0\)"):
         train_on_windows(locas_model, ids[0], None, steps=1, progress=False)
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(ValueError, match="dtype torch.long, got torch.float32"):
         train_on_windows(locas_model, ids.float(), None, steps=1, progress=False)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         train_on_windows(locas_model, ids, torch.ones(2, 7), steps=1, progress=False)

@@ -8,6 +8,7 @@ zero, so the model is unchanged until trained.
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -48,7 +49,7 @@ def _check_model_and_width(model: LocasModel, width: int) -> None:
             f"a memory is made for a LocasModel, got {type(model).__name__}: wrap the model first, "
             "LocasModel(model).memorize(...) (which also attaches the memory)"
         )
-    if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
         raise ValueError(f"memory width (keep_top) must be a positive integer, got {width!r}")
 
 

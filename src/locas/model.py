@@ -7,6 +7,7 @@ working. `LocasModel.memory = None` (or a zero-valued memory) gives exactly the 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -14,7 +15,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,16 @@ def base_fingerprint(model: PreTrainedModel) -> str:
         "model_type": model.config.model_type,
         "hidden_size": model.config.hidden_size,
         "num_layers": len(mlps),
-        "mlp_width": family.read(mlps[0]).up.shape[0],
+        "mlp_width": mlp_width(model),
         "vocab_size": model.config.vocab_size,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def mlp_width(model: PreTrainedModel) -> int:
+    """Neurons per MLP of `model` (its first layer's)."""
+    family = family_of(model)
+    return family.read(family.mlps(model)[0]).up.shape[0]
 
 
 def base_description(model: PreTrainedModel) -> str:
@@ -48,7 +55,7 @@ def base_description(model: PreTrainedModel) -> str:
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return (
         f"{name!r} ({model.config.model_type}, {len(family.mlps(model))} layers, hidden {model.config.hidden_size}, "
-        f"MLP width {family.read(family.mlps(model)[0]).up.shape[0]}, fingerprint {base_fingerprint(model)})"
+        f"MLP width {mlp_width(model)}, fingerprint {base_fingerprint(model)})"
     )
 
 
@@ -76,25 +83,34 @@ def spread_positions(size: int, count: int) -> torch.Tensor:
 
 
 def check_token_ids(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    name: str = "input_ids",
 ) -> None:
     """Refuse token ids `model` cannot read, naming the problem and the fix: not a tensor (TypeError), not
     integers, not (batch, seq), ids outside the vocabulary, more tokens than learned positions (GPT-2's
     `n_positions`), or an attention mask of another shape (ValueError)."""
     if not isinstance(input_ids, torch.Tensor):
-        hint = "pass encoding['input_ids']" if hasattr(input_ids, "keys") else "wrap them: torch.tensor([ids])"
-        raise TypeError(f"input_ids must be a tensor of shape (batch, seq), got {type(input_ids).__name__}; {hint}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}; use input_ids.long()")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        hint = "; add the batch axis: input_ids.unsqueeze(0)" if input_ids.dim() == 1 else ""
-        raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}{hint}")
-    vocabulary = model.get_input_embeddings().num_embeddings
-    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocabulary:
-        raise ValueError(
-            f"input_ids hold ids outside the model's vocabulary 0..{vocabulary - 1} (min {int(input_ids.min())}, "
-            f"max {int(input_ids.max())}): tokenize with the model's own tokenizer"
+        hint = (
+            f"pass encoding['{name}']"
+            if hasattr(input_ids, "keys")
+            else "make a tensor: torch.tensor([ids]) for one list of ids, torch.tensor(rows) for equal-length rows"
         )
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(input_ids).__name__}; {hint}")
+    if input_ids.dtype != torch.long:
+        raise ValueError(f"{name} must be token ids of dtype torch.long, got {input_ids.dtype}; use {name}.long()")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        hint = f"; add the batch axis: {name}.unsqueeze(0)" if input_ids.dim() == 1 else ""
+        raise ValueError(f"{name} must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}{hint}")
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if input_ids.numel():
+        lowest, highest = (int(value) for value in torch.aminmax(input_ids))
+        if not 0 <= lowest <= highest < vocabulary:
+            raise ValueError(
+                f"{name} hold ids outside the model's vocabulary 0..{vocabulary - 1} (min {lowest}, max {highest}): "
+                "tokenize with the model's own tokenizer"
+            )
     positions = getattr(model.config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
     if positions is not None and input_ids.shape[1] > positions:
         raise ValueError(
@@ -151,15 +167,50 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _memory_hooks(mlp: nn.Module) -> dict[int, Callable]:
-    """The LocasModel hooks `mlp` carries, by hook id (a copy of a hooked module carries its original's too)."""
-    return {key: hook for key, hook in mlp._forward_hooks.items() if hasattr(hook, "locas_model")}
+# `locas.memorize(model, ids)` returns a memory without attaching it
+NO_MEMORY = (
+    "no memory attached: make one with locas_model.memorize(input_ids, ...) (it attaches the memory it makes), "
+    "or attach one with locas_model.attach_memory(memory) (e.g. the one locas.memorize returned)"
+)
+
+
+class MemoryHook:
+    """The forward hook that adds a LocasModel's memory to one MLP's output.
+
+    A copy of a hooked module (copy.deepcopy) gets an inert hook that references nothing: the copy runs its
+    bare MLP, does not keep the original alive, and a LocasModel made on it drops the inert hook.
+    """
+
+    def __init__(self, locas_model: LocasModel | None, layer: int, mlp: nn.Module | None) -> None:
+        self.locas_model = locas_model
+        self.layer = layer
+        self.mlp = None if mlp is None else weakref.ref(mlp)
+        self.activation = None if locas_model is None else locas_model.family.activation(mlp)
+
+    def hooks(self, mlp: nn.Module) -> bool:
+        """Whether this hook runs a memory on `mlp`."""
+        return self.locas_model is not None and self.mlp() is mlp
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        locas_model = self.locas_model
+        if locas_model is None or locas_model.memory is None or module is not self.mlp():
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        return output + locas_model.memory.layer_output(self.layer, x, self.activation, locas_model.rows)
+
+    def __deepcopy__(self, memo: dict) -> MemoryHook:
+        return MemoryHook(None, self.layer, None)
+
+
+def _memory_hooks(mlp: nn.Module) -> dict[int, MemoryHook]:
+    """The memory hooks `mlp` carries, by hook id."""
+    return {key: hook for key, hook in mlp._forward_hooks.items() if isinstance(hook, MemoryHook)}
 
 
 def _remove_copied_hooks(mlp: nn.Module) -> None:
-    """Drop the hooks `mlp` only carries as a copy (copy.deepcopy of a hooked model): they are inert on it."""
+    """Drop the inert hooks `mlp` carries as a copy of a hooked module."""
     for key, hook in _memory_hooks(mlp).items():
-        if hook.locas_target() is not mlp:
+        if not hook.hooks(mlp):
             for hooks in (mlp._forward_hooks, mlp._forward_hooks_with_kwargs, mlp._forward_hooks_always_called):
                 hooks.pop(key, None)
 
@@ -253,6 +304,7 @@ class LocasModel(nn.Module):
             )
         self.model = model
         self.model.requires_grad_(False)
+        self._backbone_was_training = model.training
         self.model.eval()  # a frozen backbone: no dropout noise in scores or in the memory's gradients
         self.memory: Memory | None = None
         self.rows: torch.Tensor | None = None  # which of the memory's batch serve the input's sequences
@@ -270,7 +322,7 @@ class LocasModel(nn.Module):
         """The LocasModel whose memory hooks `model` carries, or None."""
         for mlp in family_of(model).mlps(model):
             for hook in _memory_hooks(mlp).values():
-                if hook.locas_target() is mlp:
+                if hook.hooks(mlp):
                     return hook.locas_model
         return None
 
@@ -279,20 +331,8 @@ class LocasModel(nn.Module):
     def _install_hooks(self) -> None:
         mlps = self.family.mlps(self.model)
         for layer in self.memory_layers:
-            mlp = mlps[layer]
-            activation = self.family.activation(mlp)
-
-            target = weakref.ref(mlp)  # the hook is inert on a copy of `mlp` (copy.deepcopy keeps hooks)
-
-            def hook(module, args, kwargs, output, layer=layer, activation=activation, target=target):
-                if self.memory is None or module is not target():
-                    return output
-                x = args[0] if args else next(iter(kwargs.values()))
-                return output + self.memory.layer_output(layer, x, activation, self.rows)
-
-            hook.locas_model = self  # how a second LocasModel on this model finds it (`wrapping`)
-            hook.locas_target = target
-            self._hooks.append(mlp.register_forward_hook(hook, with_kwargs=True))
+            hook = MemoryHook(self, layer, mlps[layer])
+            self._hooks.append(mlps[layer].register_forward_hook(hook, with_kwargs=True))
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -311,10 +351,24 @@ class LocasModel(nn.Module):
                 self._install_hooks()
 
     def detach(self) -> PreTrainedModel:
-        """Remove the memory's hooks for good and return the untouched backbone."""
+        """Remove the memory's hooks for good and return the untouched backbone (in the train or eval mode it
+        had when wrapped)."""
         self._remove_hooks()
         self.memory = None
+        self.model.train(self._backbone_was_training)
         return self.model
+
+    def __deepcopy__(self, memo: dict) -> LocasModel:
+        """A LocasModel on a copy of the backbone, with a copy of the memory (`rows` and detachment kept)."""
+        with self.hooks_removed() as backbone:
+            backbone = copy.deepcopy(backbone, memo)
+        options = {"tau_rule": self.tau_rule, "output_ratio": self.output_ratio, "memory_layers": self.memory_layers}
+        copied = LocasModel(backbone, memory=copy.deepcopy(self.memory, memo), **options)
+        copied._backbone_was_training = self._backbone_was_training
+        copied.rows = copy.deepcopy(self.rows, memo)
+        if not self._hooks:
+            copied.detach()
+        return copied
 
     @contextmanager
     def using(self, memory: Memory | None) -> Iterator[LocasModel]:
@@ -383,7 +437,7 @@ class LocasModel(nn.Module):
             "family": self.family.name,
             "num_layers": self.num_layers,
             "hidden_size": self.model.config.hidden_size,
-            "mlp_width": self.family.read(self.family.mlps(self.model)[0]).up.shape[0],
+            "mlp_width": mlp_width(self.model),
             "init": init,
             "tokens_memorized": tokens_memorized,
             **rule,

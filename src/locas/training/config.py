@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 from dataclasses import dataclass, field
 
 from locas.config import MEMORY_INITS, TAU_RULES
@@ -16,19 +17,26 @@ from locas.config import MEMORY_INITS, TAU_RULES
 TOKEN_LOSSES = ("ntp", "sd", "mix")  # the keys of `locas.training.losses.LOSSES`
 
 
-def _check_types(settings) -> None:
-    """ValueError naming the first field of the dataclass `settings` whose value is not of its annotated type:
-    an int field takes an integer (not a bool), a float field any real number (not a bool), a str field a
-    string; None only where the annotation allows it."""
-    kinds = {"int": (numbers.Integral, "an integer"), "float": (numbers.Real, "a number"), "str": (str, "a string")}
+_KINDS = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"), str: (str, "a string")}
+
+
+def _plain_values(settings) -> dict:
+    """The fields of the dataclass `settings` as plain Python values (numpy scalars converted); ValueError naming
+    the first one not of its annotated type: an int field takes an integer (not a bool), a float field any real
+    number, a str field a string; None only where the annotation allows it."""
+    hints = typing.get_type_hints(type(settings))
+    values = {}
     for f in dataclasses.fields(settings):
-        names = [name.strip() for name in str(f.type).split("|")]  # annotations are strings (see the import)
-        value = getattr(settings, f.name)
-        if (value is None and "None" in names) or names[0] not in kinds:
+        value = values[f.name] = getattr(settings, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = next(t for t in allowed if t is not type(None))
+        if (value is None and type(None) in allowed) or kind not in _KINDS:
             continue
-        kind, what = kinds[names[0]]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        check, what = _KINDS[kind]
+        if not isinstance(value, check) or isinstance(value, bool):
             raise ValueError(f"{f.name} must be {what}, got {value!r} ({type(value).__name__})")
+        values[f.name] = kind(value)
+    return values
 
 
 @dataclass
@@ -47,7 +55,8 @@ class GrpoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:  # every message starts with the field's name (OnlineConfig prefixes grpo_)
-        _check_types(self)
+        for name, value in _plain_values(self).items():
+            setattr(self, name, value)
         positive = ("max_new_tokens", "updates_per_batch", "prompt_tokens", "continuation_tokens", "prompts_per_chunk")
         for name in positive:
             if getattr(self, name) < 1:
@@ -210,13 +219,12 @@ class OnlineConfig:
                 values[name] = preset.get(name, PAPER.get(self.method, {}).get(name, getattr(unused, name)))
         if values["tau_rule"] != "output":  # only the output rule reads it
             values["output_ratio"] = unused.output_ratio
-        config = OnlineConfig(**values)
+        config = OnlineConfig(**_plain_values(OnlineConfig(**values)))
         config._check()
         return config
 
     def _check(self) -> None:
         """ValueError naming the first bad option of a resolved config."""
-        _check_types(self)
         if self.memory_init not in MEMORY_INITS:
             raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
         if self.tau_rule not in TAU_RULES:
@@ -260,14 +268,6 @@ class OnlineConfig:
             )
         if self.uses_grpo:
             self.grpo_settings()  # ValueError for a bad grpo_ option
-            needed = self.grpo_prompt_tokens + self.grpo_continuation_tokens
-            if self.chunk_size < needed:  # (a shorter last chunk is not trained on by GRPO either)
-                raise ValueError(
-                    f"chunk_size {self.chunk_size} is smaller than grpo_prompt_tokens {self.grpo_prompt_tokens} + "
-                    f"grpo_continuation_tokens {self.grpo_continuation_tokens} = {needed}: GRPO cuts its recall "
-                    f"prompts and their continuations from one chunk, so no chunk would be trained on; make the "
-                    "prompt and continuation shorter or the chunk longer"
-                )
 
     @property
     def window(self) -> int:

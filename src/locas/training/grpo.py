@@ -36,9 +36,8 @@ from tqdm.auto import tqdm
 
 from locas.data import window_prefix
 from locas.evaluation.token_f1 import token_f1
-from locas.model import LocasModel
+from locas.model import NO_MEMORY, LocasModel
 from locas.training.config import GrpoSettings
-from locas.training.offline import NO_MEMORY
 
 # reward_fn(completion_ids, answer) -> reward: the sampled tokens before the first EOS (1-D, on the CPU)
 # and the prompt's `answer` (whatever grpo_step was given for that prompt, None when nothing was).

@@ -9,13 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locas.attention import keys_and_values_per_query_head
-from locas.model import check_token_ids, token_nll
-
-# `locas.memorize(model, ids)` returns a memory without attaching it
-NO_MEMORY = (
-    "no memory attached: make one with locas_model.memorize(input_ids, ...) (it attaches the memory it makes), "
-    "or attach one with locas_model.attach_memory(memory) (e.g. the one locas.memorize returned)"
-)
+from locas.model import NO_MEMORY, check_token_ids, token_nll
 
 if TYPE_CHECKING:
     from locas.model import LocasModel

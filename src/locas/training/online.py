@@ -358,11 +358,17 @@ def _optimizer(groups: list[dict], config: OnlineConfig, previous=None):
 
 @contextmanager
 def _learner(model: PreTrainedModel, config: OnlineConfig, batch_size: int = 1) -> Iterator[Learner]:
-    learner = make_learner(model, config, batch_size)
+    """Every method runs the backbone in eval mode (no dropout); its mode is given back afterwards."""
+    was_training = model.training
+    model.eval()
     try:
-        yield learner
+        learner = make_learner(model, config, batch_size)
+        try:
+            yield learner
+        finally:
+            learner.close()
     finally:
-        learner.close()
+        model.train(was_training)
 
 
 @contextmanager
@@ -493,6 +499,8 @@ def _check_stream(model: PreTrainedModel, token_ids, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a 1-D tensor of token ids, got {type(token_ids).__name__}; wrap them: torch.tensor(ids)"
         )
+    if token_ids.dim() == 2 and token_ids.shape[0] > 1 and token_ids.shape[1] == 1:
+        raise ValueError(f"{name} has shape {tuple(token_ids.shape)}, a column: pass {name}.flatten()")
     if token_ids.dim() == 2 and token_ids.shape[0] > 1:
         raise ValueError(
             f"{name} has shape {tuple(token_ids.shape)}: one text is one 1-D stream of token ids; for several "
@@ -501,10 +509,8 @@ def _check_stream(model: PreTrainedModel, token_ids, name: str) -> torch.Tensor:
     if token_ids.dim() not in (1, 2):
         raise ValueError(f"{name} must be a 1-D stream of token ids, got shape {tuple(token_ids.shape)}")
     stream = token_ids.reshape(-1)
-    try:  # one token per row: the ids' type and range (the stream is cut into windows: its length is no limit)
-        check_token_ids(model, stream.view(-1, 1))
-    except ValueError as error:
-        raise ValueError(str(error).replace("input_ids", name)) from None
+    # one token per row: the ids' type and range (the stream is cut into windows: its length is no limit)
+    check_token_ids(model, stream.view(-1, 1), name=name)
     return stream
 
 
@@ -599,6 +605,15 @@ def run_online_batch(
     if not documents:
         raise ValueError("no documents to train on")
     if config.uses_grpo:  # (resolved: a locas run)
+        needed = config.grpo_prompt_tokens + config.grpo_continuation_tokens
+        if min(config.chunk_size, documents[0].numel()) < needed:
+            warnings.warn(
+                f"chunk_size {config.chunk_size} is smaller than grpo_prompt_tokens {config.grpo_prompt_tokens} + "
+                f"grpo_continuation_tokens {config.grpo_continuation_tokens} = {needed} (or the text is): GRPO cuts "
+                "its recall prompts and their continuations from one chunk, so it trains on no chunk; make the "
+                "prompt and continuation shorter or the chunk longer",
+                stacklevel=3,
+            )
         if len(documents) > 1:
             raise ValueError(
                 f"loss {config.loss!r} trains one document at a time (its samples come from one memory), "
