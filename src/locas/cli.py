@@ -211,14 +211,7 @@ def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> 
 def _locas_model(model, memory: Memory | None, **options):
     from locas.model import LocasModel
 
-    locas_model = LocasModel(model, **options)
-    if memory is not None:
-        try:
-            locas_model.attach_memory(memory)
-        except BaseException:
-            locas_model.detach()
-            raise
-    return locas_model
+    return LocasModel(model, memory=memory, **options)  # a refused memory leaves no hooks behind
 
 
 def _check_output_path(path: Path, suffix: str | None = None) -> None:

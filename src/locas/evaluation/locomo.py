@@ -422,8 +422,7 @@ def answering_model(model: PreTrainedModel, learned: Learned | None) -> Iterator
     if learned is None:
         yield model.generate
     elif learned.memory is not None:
-        locas_model = LocasModel(model)
-        locas_model.attach_memory(learned.memory)
+        locas_model = LocasModel(model, memory=learned.memory)  # a refused memory leaves no hooks behind
         try:
             yield locas_model.generate
         finally:
