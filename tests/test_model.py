@@ -183,12 +183,17 @@ def memory_hooks(model):
     return [hook for mlp in locas.family_of(model).mlps(model) for hook in mlp._forward_hooks.values()]
 
 
-def test_a_second_locas_model_on_a_wrapped_backbone_is_refused_until_detach(tokens):
+def wrapped_llama(tokens):
+    """(a tiny Llama, its logits on `tokens`, a LocasModel on it, its attached memory of random values)."""
     model = tiny_model("llama")
     with torch.no_grad():
         expected = model(tokens).logits
-    first = locas.attach(model, width=4)
-    memory = first.attach_memory(with_random_values(first, width=4))
+    locas_model = locas.attach(model, width=4)
+    return model, expected, locas_model, locas_model.attach_memory(with_random_values(locas_model, width=4))
+
+
+def test_a_second_locas_model_on_a_wrapped_backbone_is_refused_until_detach(tokens):
+    model, expected, first, memory = wrapped_llama(tokens)
     with pytest.raises(ValueError, match=r"already carries a LocasModel's memory hooks; call \.detach\(\) on that"):
         LocasModel(model)
     first.detach()
@@ -286,11 +291,7 @@ def test_a_wrapper_no_longer_held_is_found_by_wrapping_and_detached(tokens):
 
 
 def test_a_copy_of_a_wrapped_model_is_the_bare_backbone_and_can_be_wrapped(tokens):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        expected = model(tokens).logits
-    locas_model = locas.attach(model, width=4)
-    memory = locas_model.attach_memory(with_random_values(locas_model, width=4))
+    model, expected, locas_model, memory = wrapped_llama(tokens)
     copied = copy.deepcopy(model)  # carries inert hooks that reference nothing
     assert [hook.locas_model for hook in memory_hooks(copied)] == [None, None]
     with torch.no_grad():
@@ -305,8 +306,7 @@ def test_a_copy_of_a_wrapped_model_is_the_bare_backbone_and_can_be_wrapped(token
 
 
 def test_a_copy_of_a_locas_model_runs_its_own_copy_of_the_memory(tokens):
-    locas_model = locas.attach(tiny_model("llama"), width=4)
-    locas_model.attach_memory(with_random_values(locas_model, width=4))
+    _, _, locas_model, _ = wrapped_llama(tokens)
     copied = copy.deepcopy(locas_model)
     assert copied.model is not locas_model.model and copied.memory is not locas_model.memory
     with torch.no_grad():

@@ -39,6 +39,11 @@ def _plain_values(settings) -> dict:
     return values
 
 
+def _check_choice(option: str, value: object, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+
+
 @dataclass
 class GrpoSettings:
     """Knobs of GRPO training; the recall task's prompt and continuation lengths are in tokens."""
@@ -189,12 +194,9 @@ class OnlineConfig:
     def resolved(self) -> OnlineConfig:
         """A copy with the preset's values in the options left at None, and the options the method does not use
         at fixed values (so that they never tell two runs apart); ValueError naming the option for bad values."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.loss not in TRAINING_LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(TRAINING_LOSSES)}")
+        _check_choice("method", self.method, METHODS)
+        _check_choice("preset", self.preset, PRESETS)
+        _check_choice("loss", self.loss, TRAINING_LOSSES)
         if self.uses_grpo and self.method == "lora":
             raise ValueError(f"loss {self.loss!r} trains a Locas memory (method locas), not a LoRA adapter")
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -225,12 +227,9 @@ class OnlineConfig:
 
     def _check(self) -> None:
         """ValueError naming the first bad option of a resolved config."""
-        if self.memory_init not in MEMORY_INITS:
-            raise ValueError(f"unknown memory_init {self.memory_init!r}; choose one of {', '.join(MEMORY_INITS)}")
-        if self.tau_rule not in TAU_RULES:
-            raise ValueError(f"unknown tau_rule {self.tau_rule!r}; choose one of {', '.join(TAU_RULES)}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
+        _check_choice("memory_init", self.memory_init, MEMORY_INITS)
+        _check_choice("tau_rule", self.tau_rule, TAU_RULES)
+        _check_choice("compile mode", self.compile, COMPILE_MODES)
         for name in ("width", "long_factor", "lora_rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
