@@ -472,7 +472,7 @@ class LocasModel(nn.Module):
         """A memory passed for one use (`using`, `compute_nll`): made for this backbone; moved to its device."""
         self._check_attached()
         check_memory_shape(memory, self.model)
-        memory.to(self.device)  # in place (a Module): an optimiser holding its parameters keeps them
+        memory.to(self.device)  # in place (a Module): the caller's memory object is the one that runs
 
     def memorize(self, input_ids: torch.Tensor, **kwargs) -> Memory:
         """Initialise and attach a memory from one forward pass; see `locas.initialization.memorize`."""
