@@ -129,19 +129,20 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
     return parse
 
 
-def _check_device(args) -> None:
-    """--device, checked once torch is imported (parsing never imports it); a bad one is a usage error."""
+def _checked_device(args) -> torch.device | None:
+    """--device (None when not given), checked once torch is imported (parsing never imports it); a bad one is
+    a usage error."""
     import torch
 
     if getattr(args, "device", None) is None:
-        return
+        return None
     try:
         device = torch.device(args.device)
     except RuntimeError:
         problem = f"{args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
     else:
         if device.type != "cuda" or torch.cuda.is_available():
-            return
+            return device
         problem = f"{args.device!r}: CUDA is not available here; use --device cpu"
     raise CommandError(f"argument --device: {problem} (see 'locas {args.command} --help')")
 
@@ -1146,12 +1147,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args) -> None:
-    import torch
-
     from locas.allocator import keep_freed_memory_on_request
 
-    _check_device(args)
-    if getattr(args, "device", None) is None or torch.device(args.device).type == "cpu":
+    device = _checked_device(args)
+    if device is None or device.type == "cpu":
         keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(

@@ -194,8 +194,6 @@ class MemoryLearner(Learner):
         )
         if not (memorize_now or grow_now):
             return False
-        if memorize_now and len(rows) < self.batch_size:
-            raise ValueError(f"every document must have more than memorize_at={config.memorize_at} chunks")
         # One document at a time: the same slots (and random draws) as when each document runs alone.
         new = {
             row: memorize(
