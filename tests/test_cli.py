@@ -532,7 +532,7 @@ def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
     argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors", "--width", "64"]
     code, _, err = run(capsys, *argv)
     assert code == 2
-    error_line(err, "memorize", "cannot clone 64 neurons from an MLP of 48", "<= 48")
+    error_line(err, "memorize", "cannot clone 64 neurons from an MLP of 48; use a --width <= 48")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -601,7 +601,23 @@ def test_missing_required_flags(files: dict, capsys) -> None:
     usage_error(err, "export", "--memory")
     code, _, err = run(capsys, "nll", files["text"], "--bogus")
     assert code == 2
-    assert err == "locas: error: unrecognized arguments: --bogus (see 'locas --help')\n"
+    assert err == "locas nll: error: unrecognized arguments: --bogus (see 'locas nll --help')\n"
+
+
+def test_books_may_come_after_options(capsys) -> None:
+    from locas.cli import parse_arguments
+
+    args = parse_arguments(["eval", "pg19", "a.txt", "--method", "none", "b.txt", "--out", "r.json", "c.txt"])
+    assert args.books == ["a.txt", "b.txt", "c.txt"] and args.methods == ["none"] and args.out == "r.json"
+    with pytest.raises(SystemExit) as refused:
+        parse_arguments(["eval", "pg19", "a.txt", "--method", "none", "b.txt", "--bogus", "--out", "r.json"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (
+        "locas eval pg19: error: unrecognized arguments: b.txt --bogus (see 'locas eval pg19 --help')\n"
+    )
+    with pytest.raises(SystemExit):  # only books are gathered: nll reads one text
+        parse_arguments(["nll", "a.txt", "--window", "8", "b.txt"])
+    assert "locas nll: error: unrecognized arguments: b.txt" in capsys.readouterr().err
 
 
 # --- Ctrl-C: exit 130, nothing written ----------------------------------------------------------------

@@ -212,6 +212,18 @@ def test_a_second_locas_model_on_a_wrapped_backbone_is_refused_until_detach(toke
         assert (dense(tokens).logits - with_memory).abs().max() < 1e-4
 
 
+def test_memories_can_be_set_while_the_hooks_are_removed_for_a_moment(tokens):
+    model, expected, locas_model, memory = wrapped_llama(tokens)
+    with torch.no_grad():
+        with_memory = locas_model(tokens).logits
+        with locas_model.hooks_removed() as backbone:
+            assert torch.equal(backbone(tokens).logits, expected)
+            locas_model.attach_memory(memory)  # not "detached": the hooks come back after the block
+            with locas_model.using(memory):
+                assert torch.equal(backbone(tokens).logits, expected)
+        assert torch.equal(locas_model(tokens).logits, with_memory)
+
+
 def test_a_failed_attach_leaves_no_hooks_behind(tokens):
     model = tiny_model("llama")
     with torch.no_grad():
@@ -314,6 +326,25 @@ def test_a_copy_of_a_locas_model_runs_its_own_copy_of_the_memory(tokens):
         copied.memory.down.mul_(2)
         assert not torch.equal(copied(tokens).logits, locas_model(tokens).logits)
     assert LocasModel.wrapping(copied.model) is copied and LocasModel.wrapping(locas_model.model) is locas_model
+
+
+def test_torch_save_of_a_wrapped_model_or_a_locas_model_loads_like_a_copy(tokens, tmp_path):
+    model, expected, locas_model, memory = wrapped_llama(tokens)
+    with torch.no_grad():
+        with_memory = locas_model(tokens).logits
+    torch.save(model, tmp_path / "backbone.pt")
+    torch.save(locas_model, tmp_path / "locas.pt")
+    loaded_backbone = torch.load(tmp_path / "backbone.pt", weights_only=False)
+    loaded = torch.load(tmp_path / "locas.pt", weights_only=False)
+    assert LocasModel.wrapping(loaded_backbone) is None and LocasModel.wrapping(loaded.model) is loaded
+    with torch.no_grad():
+        assert torch.equal(loaded_backbone(tokens).logits, expected)  # bare, as a copy
+        assert torch.equal(loaded(tokens).logits, with_memory)  # the memory runs, through hooks of its own
+    assert torch.equal(loaded.memory.down, memory.down) and loaded.memory is not memory
+    locas_model.detach()
+    torch.save(locas_model, tmp_path / "detached.pt")
+    with pytest.raises(ValueError, match="was detached"):
+        torch.load(tmp_path / "detached.pt", weights_only=False).attach_memory(memory)
 
 
 @pytest.mark.parametrize(

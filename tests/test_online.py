@@ -278,15 +278,21 @@ def test_windows_longer_than_the_models_positions_are_refused_up_front(options, 
     with pytest.raises(ValueError, match="256 positions"):
         run_online_batch(model, [stream(400), stream(300, seed=1)], config, progress=False)
     run_online(model, stream(240), config, progress=False)  # a text shorter than the window: shorter windows
+    with pytest.raises(ValueError, match=r", cut to the longest text's 270 tokens\) = 270 tokens, but the model has"):
+        run_online(model, stream(270), config, progress=False)
 
 
 def test_a_text_with_no_more_than_memorize_at_chunks_is_refused():
     model, config = tiny_model("llama"), OnlineConfig(method="locas", memorize_at=10, lr=1e-2, **SMALL)
     with pytest.raises(ValueError, match="memorize_at=10, but the text has 3 chunks of 16 tokens"):
         run_online(model, stream(48), config, progress=False)  # was: nothing trained, the `none` numbers
-    with pytest.raises(ValueError, match="memorize_at=2, but document 1 has 2 chunks"):
+    with pytest.raises(ValueError, match="memorize_at=2, but document 1 has 2 chunks") as refused:
         run_online_batch(model, [stream(48), stream(32)], dataclasses.replace(config, memorize_at=2), progress=False)
     assert run_online(model, stream(48), dataclasses.replace(config, memorize_at=2), progress=False).memory is not None
+    from locas.cli import _trainer_flags
+
+    hint = "so every text needs more than 2 chunks; lower --memorize-at or --chunk-size"
+    assert _trainer_flags(str(refused.value)).endswith(hint)
 
 
 def test_numeric_options_of_the_wrong_type_are_refused_by_name():

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, `locas COMMAND: error: ...`, pointing at --help for the usage."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Print `PROG: error: MESSAGE (see 'PROG --help')` and exit with the usage status."""
+    sys.stderr.write(f"{prog}: error: {message} (see '{prog} --help')\n")
+    sys.exit(EXIT_USAGE)
 
 
 def positive_int(text: str) -> int:
@@ -1103,9 +1109,10 @@ def _trainer_flags(message: str) -> str:
     memory_init -> --init), so that it names what to change on the command line."""
     from locas.training.config import OnlineConfig
 
-    for field in dataclasses.fields(OnlineConfig):  # only where a value or a rule follows: "lr 0.01", "lr must"
+    # only where a value, a rule or an alternative follows: "lr 0.01", "lr must", "lower memorize_at or chunk_size"
+    for field in dataclasses.fields(OnlineConfig):
         flag = "--init" if field.name == "memory_init" else "--" + field.name.replace("_", "-")
-        value = r"(?=\s+(?:[\d'\"\-]|must\b|is\b|>=)|=)"
+        value = r"(?=\s+(?:[\d'\"\-]|must\b|is\b|or\b|>=)|=|$)"
         message = re.sub(rf"(?<![\w\-/.']){field.name}{value}", flag, message)
     return message
 
@@ -1124,8 +1131,18 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; `--help` and usage errors exit here, before torch is imported."""
+    args, unrecognized = build_parser().parse_known_args(argv)
+    if unrecognized and hasattr(args, "books") and not any(text.startswith("-") for text in unrecognized):
+        args.books += unrecognized  # `eval pg19 A.txt --method none B.txt`: argparse reads positionals in one run
+    elif unrecognized:
+        usage_error(f"locas {args.command}", f"unrecognized arguments: {' '.join(unrecognized)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help and usage errors end here, before torch is imported
+    args = parse_arguments(argv)
     try:
         from locas.default_model import ModelLoadError
     except KeyboardInterrupt:
@@ -1137,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         if hasattr(args, "chunk_size") and not isinstance(error, CommandError):
             message = _trainer_flags(message)
+        if hasattr(args, "width"):
+            message = message.replace("width (keep_top)", "--width")  # memorize's Python name for it
         print(f"locas {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ working. `LocasModel.memory = None` (or a zero-valued memory) gives exactly the 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -177,8 +176,9 @@ NO_MEMORY = (
 class MemoryHook:
     """The forward hook that adds a LocasModel's memory to one MLP's output.
 
-    A copy of a hooked module (copy.deepcopy) gets an inert hook that references nothing: the copy runs its
-    bare MLP, does not keep the original alive, and a LocasModel made on it drops the inert hook.
+    A copy of a hooked module (copy.deepcopy, or torch.save then torch.load) gets an inert hook that references
+    nothing: the copy runs its bare MLP, does not keep the original alive, and a LocasModel made on it drops the
+    inert hook.
     """
 
     def __init__(self, locas_model: LocasModel | None, layer: int, mlp: nn.Module | None) -> None:
@@ -198,8 +198,8 @@ class MemoryHook:
         x = args[0] if args else next(iter(kwargs.values()))
         return output + locas_model.memory.layer_output(self.layer, x, self.activation, locas_model.rows)
 
-    def __deepcopy__(self, memo: dict) -> MemoryHook:
-        return MemoryHook(None, self.layer, None)
+    def __reduce__(self) -> tuple:
+        return MemoryHook, (None, self.layer, None)
 
 
 def _memory_hooks(mlp: nn.Module) -> dict[int, MemoryHook]:
@@ -309,6 +309,7 @@ class LocasModel(nn.Module):
         self.memory: Memory | None = None
         self.rows: torch.Tensor | None = None  # which of the memory's batch serve the input's sequences
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._detached = False
         self._install_hooks()
         if memory is not None:
             try:
@@ -342,33 +343,28 @@ class LocasModel(nn.Module):
     @contextmanager
     def hooks_removed(self) -> Iterator[PreTrainedModel]:
         """The bare backbone for the duration of the block (e.g. to copy it)."""
-        installed = bool(self._hooks)  # a detached LocasModel stays detached
         self._remove_hooks()
         try:
             yield self.model
         finally:
-            if installed:
+            if not self._detached:
                 self._install_hooks()
 
     def detach(self) -> PreTrainedModel:
         """Remove the memory's hooks for good and return the untouched backbone (in the train or eval mode it
         had when wrapped)."""
         self._remove_hooks()
+        self._detached = True
         self.memory = None
         self.model.train(self._backbone_was_training)
         return self.model
 
-    def __deepcopy__(self, memo: dict) -> LocasModel:
-        """A LocasModel on a copy of the backbone, with a copy of the memory (`rows` and detachment kept)."""
-        with self.hooks_removed() as backbone:
-            backbone = copy.deepcopy(backbone, memo)
+    def __reduce__(self) -> tuple:
+        """Copied (copy.deepcopy) and pickled (torch.save) as a LocasModel on a copy of the backbone, with a copy
+        of the memory (`rows`, modes and detachment kept)."""
         options = {"tau_rule": self.tau_rule, "output_ratio": self.output_ratio, "memory_layers": self.memory_layers}
-        copied = LocasModel(backbone, memory=copy.deepcopy(self.memory, memo), **options)
-        copied._backbone_was_training = self._backbone_was_training
-        copied.rows = copy.deepcopy(self.rows, memo)
-        if not self._hooks:
-            copied.detach()
-        return copied
+        state = (self.rows, self.model.training, self._backbone_was_training, self._detached)
+        return _rebuilt_locas_model, (self.model, self.memory, options, state)
 
     @contextmanager
     def using(self, memory: Memory | None) -> Iterator[LocasModel]:
@@ -465,7 +461,7 @@ class LocasModel(nn.Module):
         return self.memory
 
     def _check_attached(self) -> None:
-        if not self._hooks:
+        if self._detached:
             raise ValueError("this LocasModel was detached from its model; wrap the model again: LocasModel(model)")
 
     def _check_usable(self, memory: Memory) -> None:
@@ -485,6 +481,18 @@ class LocasModel(nn.Module):
         from locas.merge import to_dense
 
         return to_dense(self, self.memory if memory is None else memory, index=index)
+
+
+def _rebuilt_locas_model(backbone: PreTrainedModel, memory: Memory | None, options: dict, state: tuple) -> LocasModel:
+    """A copied or unpickled LocasModel: its backbone's hooks came back inert, so it is wrapped again."""
+    rows, training, backbone_was_training, detached = state
+    locas_model = LocasModel(backbone, memory=memory, **options)
+    locas_model.rows = rows
+    locas_model._backbone_was_training = backbone_was_training
+    if detached:
+        locas_model.detach()
+    backbone.train(training)
+    return locas_model
 
 
 def attach(

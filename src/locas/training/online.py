@@ -526,10 +526,12 @@ def _check_windows(model: PreTrainedModel, config: OnlineConfig, longest_documen
         windows.append((config.teacher_window, f"teacher_window {config.teacher_window}"))
     previous, terms = max(windows, key=lambda pair: pair[0])
     terms = f"chunk_size {config.chunk_size} + {terms}"
+    if longest_document < previous + config.chunk_size:
+        terms = f"({terms}, cut to the longest text's {longest_document} tokens)"
     if prefix:
         terms += f" + {len(prefix)} prefix token (the tokenizer's bos)"
-    tokens = previous + config.chunk_size + len(prefix)
-    if min(previous + config.chunk_size, longest_document) + len(prefix) > positions:
+    tokens = min(previous + config.chunk_size, longest_document) + len(prefix)
+    if tokens > positions:
         raise ValueError(
             f"this run's longest window is {terms} = {tokens} tokens, but the model has {positions} positions "
             "(config.n_positions); make these options smaller"
