@@ -133,6 +133,23 @@ def test_generate_with_memory_uses_kv_cache_consistently():
     assert not torch.equal(cached, bare)
 
 
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(do_sample=True, top_k=1)])
+def test_generate_with_a_batched_memory_runs_each_prompts_memory_on_its_copies(settings):
+    locas_model = locas.attach(tiny_model("llama"), width=4)
+    memory = with_random_values(locas_model, width=4, batch_size=2)
+    prompts = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    settings = dict(max_new_tokens=6, num_return_sequences=2, pad_token_id=0, **settings)  # top_k 1: greedy
+    locas_model.memory = memory
+    together = locas_model.generate(prompts, **settings)
+    assert together.shape[0] == 4
+    for index in range(2):
+        with locas_model.using(memory.select(index)):
+            alone = locas_model.generate(prompts[index : index + 1], **settings)
+        assert torch.equal(together[2 * index : 2 * index + 2], alone)
+    with locas_model.serving([1]):  # rows picked by the caller are repeated as well
+        assert torch.equal(locas_model.generate(prompts[1:], **settings), together[2:])
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
     with pytest.raises(ValueError, match=r"model_type 'opt'.*supported: .*gemma.*gpt2.*llama"):

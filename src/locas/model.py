@@ -402,8 +402,17 @@ class LocasModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """`model.generate` with the attached memory active (KV cache included)."""
-        return self.model.generate(*args, **kwargs)
+        """`model.generate` with the attached memory active (KV cache included). With a batched memory, each
+        prompt's beams and returned sequences (`num_beams`, `num_return_sequences`) run that prompt's memory."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        returned = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        copies = max(beams, returned)  # generate repeats each prompt this many times, in place
+        if self.memory is None or copies == 1 or (self.rows is None and self.memory.batch_size == 1):
+            return self.model.generate(*args, **kwargs)
+        rows = torch.arange(self.memory.batch_size) if self.rows is None else self.rows.cpu()
+        with self.serving(rows.repeat_interleave(copies).tolist()):
+            return self.model.generate(*args, **kwargs)
 
     def compute_nll(
         self,
