@@ -150,6 +150,13 @@ def test_generate_with_a_batched_memory_runs_each_prompts_memory_on_its_copies(s
         assert torch.equal(locas_model.generate(prompts[1:], **settings), together[2:])
 
 
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    with pytest.raises(ValueError, match="weights are on the meta device .* load them first"):
+        LocasModel(model)
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
     with pytest.raises(ValueError, match=r"model_type 'opt'.*supported: .*gemma.*gpt2.*llama"):

@@ -295,6 +295,11 @@ class LocasModel(nn.Module):
                 f"{type(model).__name__} has no language-model head: load the causal LM, e.g. "
                 "AutoModelForCausalLM.from_pretrained(...)"
             )
+        if any(parameter.is_meta for parameter in model.parameters()):
+            raise ValueError(
+                "the model's weights are on the meta device (made without data, e.g. under init_empty_weights, or "
+                "offloaded to disk by a device_map); load them first, e.g. AutoModelForCausalLM.from_pretrained(...)"
+            )
         for mlp in self.family.mlps(model):
             _remove_copied_hooks(mlp)
         if LocasModel.wrapping(model) is not None:  # two memories would add up, silently
