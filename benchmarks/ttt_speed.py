@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ QWEN3_SHAPES = {  # hidden, MLP width, layers, attention heads, key/value heads 
     "qwen3-1.7b": (2048, 6144, 28, 16, 8),
     "qwen3-4b": (2560, 9728, 36, 32, 8),
 }
+ITEMS = ("forward", "locas_step", "lora_step", "locas_batch_step", "memorize", "to_dense")
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):
@@ -137,20 +139,21 @@ def time_by_kind(function: Callable[[], object], device: torch.device) -> dict:
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """The process's peak so far: the GPU's since its last reset, or the resident set on a CPU (never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (Linux: KiB)
 
 
-def measure_window(model, window: int, args, device: torch.device) -> dict:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def measure_window(model, window: int, args, device: torch.device, row: dict, on_item: Callable[[], None]) -> dict:
+    """Fill `row` with the items of `args.items` for this window, calling `on_item` after each one (the results
+    so far are written then: a run cut short keeps them)."""
     chunk = window // 2
     generator = torch.Generator().manual_seed(window)
     documents = [torch.randint(0, model.config.vocab_size, (window,), generator=generator) for _ in range(args.batch)]
     start = window - chunk  # the last chunk: `chunk` scored tokens after `window - chunk` of context
     common = dict(chunk_size=chunk, context_window=window - chunk, steps_per_chunk=1)
-    row: dict = {"window": window, "chunk": chunk}
+    row.update(window=window, chunk=chunk)
 
     def step_timer(method: str, rows: list[int], name: str, **options) -> None:
         config = OnlineConfig(method=method, compile=args.compile, **common, **options).resolved()
@@ -165,55 +168,83 @@ def measure_window(model, window: int, args, device: torch.device) -> dict:
     def timed(name: str, function: Callable[[], object]) -> None:
         """`name`_s: the median call. Compiled, also the first call (`name`_compile_cold_s: compiling into a new,
         empty on-disk cache; kernels that an earlier item compiled in this process may still come from memory) and
-        the first call after dynamo forgot it (`name`_compile_warm_s: the same compilation, from that cache)."""
+        the first call after dynamo forgot it (`name`_compile_warm_s: the same compilation, from that cache).
+        On a GPU, also the item's own peak memory (`name`_peak_memory_gib)."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if args.compile == "off":
             row[f"{name}_s"] = median_seconds(function, args.repeats, device)
             if args.breakdown and name in ("forward", "locas_step"):
                 row[f"{name}_by_kind_s"] = time_by_kind(function, device)
-            return
-        torch._dynamo.reset()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")  # read at each compile
-        row[f"{name}_compile_cold_s"] = median_seconds(function, 1, device, warm_up=False)
-        row[f"{name}_s"] = median_seconds(function, args.repeats, device, warm_up=False)
-        torch._dynamo.reset()
-        row[f"{name}_compile_warm_s"] = median_seconds(function, 1, device, warm_up=False)
+        else:
+            torch._dynamo.reset()
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="locas-inductor-")  # read at each compile
+            row[f"{name}_compile_cold_s"] = median_seconds(function, 1, device, warm_up=False)
+            row[f"{name}_s"] = median_seconds(function, args.repeats, device, warm_up=False)
+            torch._dynamo.reset()
+            row[f"{name}_compile_warm_s"] = median_seconds(function, 1, device, warm_up=False)
+        done(name)
+
+    def eager(name: str, function: Callable[[], object], repeats: int = args.repeats) -> None:
+        """`name`_s for work that is never compiled."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row[f"{name}_s"] = median_seconds(function, repeats, device)
+        done(name)
+
+    def done(name: str) -> None:
+        if device.type == "cuda":
+            row[f"{name}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"window {window} {name}: {row[f'{name}_s']:.4g} s", flush=True)
+        on_item()
 
     input_ids = documents[0].unsqueeze(0).to(device)
-    none = OnlineConfig(method="none", compile=args.compile, **common).resolved()
-    none_learner = make_learner(model, none)
-    try:
-        timed("forward", lambda: train_chunk(none_learner, None, documents, [0], start, none))
-    finally:
-        none_learner.close()
-    step_timer("locas", [0], "locas_step", width=args.rank)
-    step_timer("lora", [0], "lora_step", lora_rank=args.rank, lora_alpha=float(args.rank))
-    if args.batch > 1:
+    if "forward" in args.items:
+        none = OnlineConfig(method="none", compile=args.compile, **common).resolved()
+        none_learner = make_learner(model, none)
+        try:
+            timed("forward", lambda: train_chunk(none_learner, None, documents, [0], start, none))
+        finally:
+            none_learner.close()
+    if "locas_step" in args.items:
+        step_timer("locas", [0], "locas_step", width=args.rank)
+    if "lora_step" in args.items:
+        step_timer("lora", [0], "lora_step", lora_rank=args.rank, lora_alpha=float(args.rank))
+    if args.batch > 1 and "locas_batch_step" in args.items:
         row["batch"] = args.batch
         step_timer("locas", list(range(args.batch)), "locas_batch_step", width=args.rank)
-        row["batch_speedup"] = args.batch * row["locas_step_s"] / row["locas_batch_step_s"]
 
     from locas.model import LocasModel
 
-    locas_model = LocasModel(model)
-    try:
-        with torch.no_grad():
-            row["memorize_s"] = median_seconds(
-                lambda: memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank), args.repeats, device
-            )
-            memory = memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank)
-            row["to_dense_s"] = median_seconds(lambda: to_dense(locas_model, memory), 1, device)
-    finally:
-        locas_model.detach()
-    row["locas_over_forward"] = row["locas_step_s"] / row["forward_s"]
-    row["lora_over_locas"] = row["lora_step_s"] / row["locas_step_s"]
-    if args.breakdown and args.compile == "off":
+    if {"memorize", "to_dense"} & set(args.items):
+        locas_model = LocasModel(model)
+        try:
+            with torch.no_grad():
+                if "memorize" in args.items:
+                    eager("memorize", lambda: memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank))
+                memory = memorize(locas_model, input_ids[:, :chunk], keep_top=args.rank)
+                if "to_dense" in args.items:
+                    eager("to_dense", lambda: to_dense(locas_model, memory), repeats=1)
+        finally:
+            locas_model.detach()
+    for ratio, (numerator, denominator, factor) in {
+        "locas_over_forward": ("locas_step_s", "forward_s", 1),
+        "lora_over_locas": ("lora_step_s", "locas_step_s", 1),
+        "batch_speedup": ("locas_step_s", "locas_batch_step_s", args.batch),
+    }.items():
+        if numerator in row and denominator in row:
+            row[ratio] = factor * row[numerator] / row[denominator]
+    if args.breakdown and args.compile == "off" and {"forward", "locas_step"} <= set(args.items):
         forward, step = row["forward_by_kind_s"], row["locas_step_by_kind_s"]
         # One forward plus a backward that computes activation gradients only: its matmuls cost the forward's,
         # its attention what the attention backward kernel costs; the element-wise rest counted once more.
         floor = 2 * sum(forward.values()) - forward["attention"] + step["attention_backward"]
         row["floor_over_forward"] = floor / sum(forward.values())
-    row["forward_tflops"] = forward_flops(model, window, chunk) / row["forward_s"] / 1e12
-    row["peak_memory_gib"] = peak_memory_gib(device)
+    if "forward_s" in row:
+        row["forward_tflops"] = forward_flops(model, window, chunk) / row["forward_s"] / 1e12
+    peaks = [value for key, value in row.items() if key.endswith("_peak_memory_gib")]
+    row["peak_memory_gib"] = max(peaks) if peaks else peak_memory_gib(device)
+    on_item()
     return row
 
 
@@ -265,7 +296,16 @@ def main(argv: list[str] | None = None) -> dict:
         "attention backward, other) and estimate the step's floor: a forward plus a backward of activation "
         "gradients only (eager only)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json)")
+    parser.add_argument(
+        "--items",
+        nargs="+",
+        choices=ITEMS,
+        default=list(ITEMS),
+        help="what to time (default: all; the ratios need their two items)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "runs" / "ttt_speed.json", help="results (.json), rewritten after each item"
+    )
     args = parser.parse_args(argv)
     if args.breakdown and args.compile != "off":
         parser.error("--breakdown profiles the eager ops; drop --compile or --breakdown")
@@ -280,16 +320,21 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": args.compile,
         "keep_freed_memory": kept,
         "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
         "windows": [],
     }
-    for window in args.windows:
-        row = measure_window(model, window, args, device)
-        results["windows"].append(row)
-        print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(results, args.out)
-    plot(results, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    for window in args.windows:
+        row: dict = {}
+        results["windows"].append(row)
+        measure_window(model, window, args, device, row, on_item=lambda: write_json(results, args.out))
+        print(json.dumps(row), flush=True)
+    if {"forward", "locas_step", "lora_step"} <= set(args.items):
+        plot(results, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    else:
+        print(f"wrote {args.out}")
     return results
 
 

@@ -259,6 +259,34 @@ def test_export_reloads_as_a_plain_model_with_the_same_nll(files: dict, tmp_path
     assert f"{dense_nll[2]:.4f}" == f"{nll_of(out)[2]:.4f}"
 
 
+def test_export_in_bfloat16_checks_the_merge_in_float32(files: dict, tmp_path: Path, capsys) -> None:
+    """bfloat16 logits of the memory model and the dense one differ by rounding: the per-layer check decides."""
+    argv = ["export", "--model", files["base"], "--memory", files["memory"], "--dtype", "bfloat16"]
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "exported")
+    assert code == 0 and err == "", err
+    assert "each merged MLP equals MLP + memory in float32 (largest relative difference" in out
+    assert out.rstrip().endswith("bfloat16 rounding)")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported").dtype == torch.bfloat16
+
+
+def test_export_refuses_a_wrong_merge_and_writes_nothing(files: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    from locas import merge
+
+    def off_by_a_little(model, memory, index=None):
+        dense = right(model, memory, index)
+        with torch.no_grad():
+            dense.model.layers[1].mlp.down_proj.weight[:, -1] *= 1.1  # one memory slot's value
+        return dense
+
+    right = merge.to_dense
+    monkeypatch.setattr(merge, "to_dense", off_by_a_little)
+    argv = ["export", "--model", files["base"], "--memory", files["memory"], "--out", tmp_path / "exported"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    error_line(err, "export", "the merged MLPs differ from MLP + memory by", "of their output (> 1e-4)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("with_memory", [False, True])
 def test_generate_prints_a_continuation(files: dict, with_memory: bool, capsys) -> None:
     memory = ["--memory", files["memory"]] if with_memory else []

@@ -302,3 +302,20 @@ def test_concat_brings_the_new_slots_to_the_memorys_device():
     memory = random_memory().to("meta")  # stands in for a GPU: slots grown on the CPU join it there
     grown = memory.concat(random_memory(seed=1))
     assert {t.device.type for t in (*grown.slot_tensors().values(), grown.tau)} == {"meta"}
+
+
+def test_a_memory_keeps_all_its_tensors_where_its_keys_are():
+    """memorize gives keys on the model's device and a tau measured there; the meta device stands in for a GPU."""
+    parts = random_memory()
+    memory = Memory(up=parts.up.detach().to("meta"), gate=parts.gate.detach(), down=parts.down.detach(), tau=parts.tau)
+    assert {t.device.type for t in (*memory.slot_tensors().values(), memory.tau)} == {"meta"}
+
+
+def test_memorize_takes_only_the_chosen_rows_off_the_device(monkeypatch):
+    """Cloning a key copies its row, not the whole MLP matrix to the host (2.8 GB for Qwen3-1.7B on a GPU)."""
+    model = locas.LocasModel(tiny_model("llama"), tau_rule="output")
+    copied = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *a, **k: copied.append(tensor.numel()) or original(tensor))
+    model.memorize(torch.randint(0, 128, (1, 16)), keep_top=4)
+    assert max(copied, default=0) < model.model.config.intermediate_size * model.model.config.hidden_size

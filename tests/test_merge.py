@@ -62,3 +62,20 @@ def test_merge_refuses_a_memory_of_another_model():
     foreign = locas.attach(tiny_model("gpt2"), width=4).memory
     with pytest.raises(ValueError, match="made for"):
         locas_model.to_dense(foreign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_error_is_float32_rounding_for_a_true_merge_and_large_for_a_wrong_one(family_name, tokens, dtype):
+    from locas.merge import merge_error
+
+    locas_model = locas.attach(tiny_model(family_name).to(dtype), width=4)
+    memory = locas_model.attach_memory(with_random_values(locas_model, width=6))
+    dense = locas_model.to_dense()
+    assert merge_error(locas_model, dense, tokens, memory) < 1e-6
+    with torch.no_grad():
+        memory.tau.mul_(1.05)  # a merge that misses part of the scale
+        wrong = locas_model.to_dense()
+        memory.tau.div_(1.05)
+    assert merge_error(locas_model, wrong, tokens, memory) > 1e-4
+    with_fewer_layers = locas.LocasModel(locas_model.detach(), memory=memory, memory_layers=[1])
+    assert merge_error(with_fewer_layers, with_fewer_layers.to_dense(), tokens, memory) < 1e-6

@@ -10,9 +10,11 @@ from cli_fixtures import TEXT, save_tiny_model, tiny_tokenizer
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
+import locas
 from locas.training import grpo
 from locas.training.config import GRPO_LOSSES, GrpoSettings, OnlineConfig, same_settings
 from locas.training.losses import LossInputs, mix, ntp, sd
+from locas.training.offline import train_on_windows
 from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
 SMALL = dict(chunk_size=16, context_window=16, width=8, lora_rank=4)
@@ -803,3 +805,17 @@ def test_a_compiled_run_compiles_once_and_equals_the_eager_run(one_thread):
         torch._dynamo.reset()
     assert scores(compiled) == pytest.approx(scores(eager), rel=1e-5)
     torch.testing.assert_close(compiled.memory.down, eager.memory.down, rtol=1e-4, atol=1e-6)
+
+
+def test_training_through_a_float16_backbone_warns_and_bfloat16_does_not():
+    config = OnlineConfig(method="locas", lr=1e-2, **SMALL)
+    with pytest.warns(UserWarning, match="float16 backbone: without loss scaling"):
+        run_online(tiny_model("llama").half(), stream(32), config, progress=False)
+    locas_model, ids = locas.LocasModel(tiny_model("llama").half()), stream(32).unsqueeze(0)
+    locas_model.memorize(ids, keep_top=4)
+    with pytest.warns(UserWarning, match="float16 backbone"):
+        train_on_windows(locas_model, ids, None, steps=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_online(tiny_model("llama").bfloat16(), stream(32), config, progress=False)
+        run_online(tiny_model("llama").half(), stream(32), dataclasses.replace(config, method="none"), progress=False)

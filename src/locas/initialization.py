@@ -63,7 +63,7 @@ def _check_inputs(
 
 
 @contextmanager
-def _capture_inputs(modules: list[torch.nn.Module]):
+def capture_inputs(modules: list[torch.nn.Module]):
     """Record the first positional input of each module on every forward call."""
     captured: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -353,9 +353,10 @@ def _cloned_keys(
     ups, gates = [], []
     for layer, mlp in enumerate(model.family.mlps(model.model)):
         weights = model.family.read(mlp)
-        ups.append(_normalize(weights.up.detach().float().cpu()[chosen[layer]]))
+        rows = chosen[layer].to(weights.up.device)  # only the chosen rows leave their device
+        ups.append(_normalize(weights.up.detach()[rows].float()).to(model.device))
         if weights.gate is not None:
-            gates.append(_normalize(weights.gate.detach().float().cpu()[chosen[layer]]))
+            gates.append(_normalize(weights.gate.detach()[rows].float()).to(model.device))
     return torch.stack(ups), torch.stack(gates) if gates else None
 
 
@@ -374,6 +375,7 @@ def _gradient_memory(
         )
     device = model.device
     input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     target_mask = _token_mask(input_ids, attention_mask).to(device)[:, 1:]
     mlps = model.family.mlps(model.model)
     offsets = [
@@ -388,7 +390,7 @@ def _gradient_memory(
 
     handles = [mlp.register_forward_hook(make_hook(i)) for i, mlp in enumerate(mlps)]
     try:
-        with model.using(None), _capture_inputs(mlps) as inputs:
+        with model.using(None), capture_inputs(mlps) as inputs:
             logits = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             keys_per_layer = [x.detach().float() for x in inputs]
     finally:
@@ -418,8 +420,8 @@ def _gradient_memory(
     chosen_gradients = torch.gather(gradients, 2, index)
     joint_norm = chosen_gradients.pow(2).sum(dim=(0, 3), keepdim=True).sqrt().clamp_min(1e-12)
     return Memory(
-        up=_normalize(chosen_keys).cpu(),
-        down=(scale * chosen_gradients / joint_norm).cpu(),
+        up=_normalize(chosen_keys),
+        down=scale * chosen_gradients / joint_norm,
         tau=_initial_tau(model, width),
         metadata=model.new_metadata("gradient", int(_token_mask(input_ids, attention_mask).sum())),
     )

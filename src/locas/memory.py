@@ -91,10 +91,11 @@ class Memory(nn.Module):
                 f"tau must have shape (layers, batch, width) = {(layers, batch, width)}, (layers, 1, width) or "
                 f"(layers, width), got {tuple(tau.shape)}"
             )
+        device = up.device  # every tensor where the keys are (a tau measured on the model's device, say)
         self.up = nn.Parameter(up.float())
-        self.register_parameter("gate", None if gate is None else nn.Parameter(gate.float()))
-        self.down = nn.Parameter(down.float())
-        self.register_buffer("tau", tau.float().contiguous())
+        self.register_parameter("gate", None if gate is None else nn.Parameter(gate.to(device, torch.float32)))
+        self.down = nn.Parameter(down.to(device, torch.float32))
+        self.register_buffer("tau", tau.to(device, torch.float32).contiguous())
         self.metadata = dict(metadata or {})
 
     # --- shape -------------------------------------------------------------------------------

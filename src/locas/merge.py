@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from locas.families import MLPWeights
+from locas.initialization import capture_inputs
 from locas.memory import Memory
 from locas.model import LocasModel, check_memory
 
@@ -74,3 +75,35 @@ def to_dense(model: LocasModel, memory: Memory, index: int | None = None) -> Pre
     setattr(dense.config, family.width_field, mlp_width)
     dense.requires_grad_(False)
     return dense
+
+
+@torch.no_grad()
+def merge_error(model: LocasModel, dense: PreTrainedModel, input_ids: torch.Tensor, memory: Memory) -> float:
+    """How far `dense` (from `to_dense(model, memory)`) is from the memory model, layer by layer: the largest
+    difference between each dense MLP and the frozen MLP plus `memory`, computed in float32 on the inputs the
+    layer sees for `input_ids`, relative to the layer output's largest entry (~1e-7 for an exact merge).
+
+    Both run the memory's weights rounded to the backbone's dtype, as the hook and the merge do. In half precision
+    whole-model logits cannot prove a merge: the memory model adds two rounded outputs where the dense one rounds
+    one wider product, which moves bfloat16 logits about as much as an untrained memory does.
+    """
+    family, dtype = model.family, next(model.model.parameters()).dtype
+    rounded = Memory(
+        up=memory.up.detach().to(dtype).float(),
+        gate=None if memory.gate is None else memory.gate.detach().to(dtype).float(),
+        down=(memory.down.detach() * memory.tau.unsqueeze(-1)).to(dtype).float(),
+        tau=torch.ones_like(memory.tau),
+    )
+    mlps = family.mlps(model.model)
+    with model.using(memory), capture_inputs(mlps) as inputs:
+        model(input_ids=input_ids.to(model.device), use_cache=False)
+    worst = 0.0
+    for layer, (mlp, dense_mlp) in enumerate(zip(mlps, family.mlps(dense), strict=True)):
+        x = inputs[layer].float()
+        frozen = copy.deepcopy(mlp).float()  # the copy's memory hook is inert: the bare MLP
+        expected = frozen(x)
+        if layer in model.memory_layers:
+            expected = expected + rounded.layer_output(layer, x, family.activation(frozen))
+        difference = (copy.deepcopy(dense_mlp).float()(x) - expected).abs().max()
+        worst = max(worst, (difference / expected.abs().max().clamp_min(1e-12)).item())
+    return worst

@@ -167,6 +167,16 @@ def _user_stacklevel() -> int:
 
 
 # `locas.memorize(model, ids)` returns a memory without attaching it
+def warn_if_float16(model: PreTrainedModel, stacklevel: int = 3) -> None:
+    """Warn that training through a float16 backbone may lose its gradients: nothing scales the loss here."""
+    if next(model.parameters()).dtype == torch.float16:
+        warnings.warn(
+            "training through a float16 backbone: without loss scaling, small gradients underflow to zero in "
+            "float16; load the model in bfloat16 (or float32) instead",
+            stacklevel=stacklevel,
+        )
+
+
 NO_MEMORY = (
     "no memory attached: make one with locas_model.memorize(input_ids, ...) (it attaches the memory it makes), "
     "or attach one with locas_model.attach_memory(memory) (e.g. the one locas.memorize returned)"

@@ -406,7 +406,7 @@ def _load_learned(path: Path, method: str, config: OnlineConfig) -> Learned:
         stats = dict(memory.metadata.get("locomo_training", {}))
         learned = Learned(method, config, memory=memory, stats=stats)
     else:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")
         _check_saved_config(saved.get("online_config"), config, path)
         online = OnlineResult(config=config, final_state=saved["final_state"])
         learned = Learned(method, config, online=online, stats=dict(saved.get("stats", {})))

@@ -16,9 +16,6 @@ import string
 from collections import Counter
 from functools import lru_cache
 
-from nltk.stem import PorterStemmer
-
-_STEMMER = PorterStemmer()
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _DROPPED_WORDS = re.compile(r"\b(a|an|the|and)\b")
 
@@ -29,9 +26,17 @@ def normalize_answer(text: str) -> str:
     return " ".join(_DROPPED_WORDS.sub(" ", text).split())
 
 
+@lru_cache(maxsize=1)
+def _stemmer():
+    # nltk is imported on first use: the trainer imports this module (GRPO's reward) and runs without nltk
+    from nltk.stem import PorterStemmer
+
+    return PorterStemmer()
+
+
 @lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
-    return _STEMMER.stem(word)
+    return _stemmer().stem(word)
 
 
 def answer_tokens(text: str) -> list[str]:

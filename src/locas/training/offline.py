@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from locas.attention import keys_and_values_per_query_head
-from locas.model import NO_MEMORY, check_token_ids, token_nll
+from locas.model import NO_MEMORY, check_token_ids, token_nll, warn_if_float16
 
 if TYPE_CHECKING:
     from locas.model import LocasModel
@@ -37,6 +37,7 @@ def train_on_windows(
     if memory is None:
         raise ValueError(NO_MEMORY)
     check_token_ids(model.model, input_ids, attention_mask)
+    warn_if_float16(model.model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     windows = input_ids.shape[0]

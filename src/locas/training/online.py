@@ -44,7 +44,7 @@ from locas.data import window_prefix
 from locas.families import family_of
 from locas.initialization import memorize
 from locas.memory import Memory
-from locas.model import LocasModel, check_token_ids
+from locas.model import LocasModel, check_token_ids, warn_if_float16
 from locas.training.config import OnlineConfig, same_settings, settings_changes
 from locas.training.grpo import grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
@@ -604,6 +604,8 @@ def run_online_batch(
     documents = [_check_stream(model, document, f"documents[{index}]") for index, document in enumerate(documents)]
     if not documents:
         raise ValueError("no documents to train on")
+    if config.method in ("locas", "lora"):
+        warn_if_float16(model, stacklevel=4)
     if config.uses_grpo:  # (resolved: a locas run)
         needed = config.grpo_prompt_tokens + config.grpo_continuation_tokens
         if min(config.chunk_size, documents[0].numel()) < needed:
@@ -647,7 +649,7 @@ def run_online_batch(
         learner.prefix = prefix
         optimizer = None
         if state_path is not None and state_path.exists():
-            state = torch.load(state_path, weights_only=False)
+            state = torch.load(state_path, weights_only=False, map_location="cpu")  # AdamW moves its state back
             if state.get("format") != 2:
                 raise ValueError(f"{state_path} was saved by an older locas; delete it or choose another output")
             if not same_settings(state["config"], config):
@@ -706,6 +708,8 @@ def run_online_batch(
                 if learner.prepare(index, chunks, rows) or (optimizer is None and learner.parameters()):
                     optimizer = _optimizer(learner.parameter_groups(), config, previous=optimizer)
                 outcomes = train_chunk(learner, optimizer, documents, rows, start, config, tokenizer)
+                if model.device.type == "cuda":  # the step's backward and update may still be queued
+                    torch.cuda.synchronize(model.device)
                 seconds = (time.perf_counter() - started) / len(rows)
                 for row, outcome in zip(rows, outcomes, strict=True):
                     record = ChunkRecord(index, start, spans[row][index][1], seconds=seconds, **outcome)
