@@ -243,6 +243,9 @@ def test_export_reloads_as_a_plain_model_with_the_same_nll(files: dict, tmp_path
     umask = os.umask(0)
     os.umask(umask)
     assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by a server of another user, as mkdir
+    for written in exported.iterdir():  # safetensors writes 0600 files; open() would give 0666 & ~umask
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written.name
+    assert files["memory"].stat().st_mode & 0o777 == 0o666 & ~umask
 
     model = AutoModelForCausalLM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -414,7 +417,8 @@ def test_a_memory_on_other_weights_of_its_architecture_warns_in_one_line(files: 
             layer.mlp.down_proj.weight.mul_(1.5)
     model.save_pretrained(tmp_path / "scaled")
     AutoTokenizer.from_pretrained(files["base"]).save_pretrained(tmp_path / "scaled")
-    code, stdout, err = run(capsys, "nll", files["text"], "--model", tmp_path / "scaled", "--memory", files["memory"])
+    argv = ["nll", files["text"], "--model", tmp_path / "scaled", "--memory", files["memory"], *WINDOW]
+    code, stdout, err = run(capsys, *argv)
     assert code == 0 and "perplexity" in stdout
     (line,) = err.strip().splitlines()
     assert line.startswith(f"locas nll: warning: this memory was made for '{files['base']}'"), err
@@ -556,9 +560,36 @@ def test_model_folder_without_tokenizer(files: dict, tmp_path: Path, capsys) -> 
     error_line(err, "nll", folder, "has no tokenizer files", "tokenizer.save_pretrained")
 
 
+@pytest.mark.parametrize("command", ["memorize", "export"])
+def test_an_output_folder_it_cannot_write_in_is_refused_before_any_work(files: dict, command: str, capsys) -> None:
+    source = [files["text"]] if command == "memorize" else ["--memory", files["memory"]]
+    out = "/proc/memory.safetensors" if command == "memorize" else "/proc/dense"
+    code, out_text, err = run(capsys, command, *source, "--model", files["base"], "--out", out)
+    assert code == 2 and out_text == ""  # nothing trained, nothing merged
+    error_line(err, command, "cannot write in the folder of --out", "choose another folder")
+
+
+def test_windows_past_the_models_positions(files: dict, tmp_path: Path, capsys) -> None:
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(TEXT * 8, encoding="utf-8")
+    code, _, err = run(capsys, "nll", long_text, "--model", files["base"], "--window", "300", "--max-tokens", "400")
+    assert code == 0  # RoPE runs past max_position_embeddings, and is told so
+    assert "locas nll: warning: --window 300: windows of 300 tokens run past the 256 positions" in err
+    code, _, err = run(capsys, "nll", long_text, "--model", files["base"], "--window", "99999", "--max-tokens", "100")
+    assert code == 0 and err == ""  # a window longer than the text is the text (was: a 1e12-byte allocation)
+
+    tokenizer = tiny_tokenizer()
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "nll", long_text, "--model", tmp_path / "gpt2", "--window", "300", "--max-tokens", "400")
+    assert code == 2
+    error_line(err, "nll", "--window 300: windows of 300 tokens, but this model has 256 positions; use --window 256")
+
+
 def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
     argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors", "--width", "64"]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv, *WINDOW)
     assert code == 2
     error_line(err, "memorize", "cannot clone 64 neurons from an MLP of 48; use a --width <= 48")
     assert list(tmp_path.iterdir()) == []
@@ -566,7 +597,7 @@ def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
 
 def test_gradient_init_on_a_gated_model(files: dict, tmp_path: Path, capsys) -> None:
     argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors"]
-    code, _, err = run(capsys, *argv, "--init", "gradient", "--width", "4")
+    code, _, err = run(capsys, *argv, "--init", "gradient", "--width", "4", *WINDOW)
     assert code == 2
     error_line(err, "memorize", "gradient", "gated", "highest")
     assert list(tmp_path.iterdir()) == []
@@ -657,7 +688,19 @@ def test_interrupted_memorize_writes_nothing(files: dict, tmp_path: Path, monkey
 
     monkeypatch.setattr(locas.training, "train_on_windows", interrupted)
     out = tmp_path / "m.safetensors"
-    argv = ["memorize", files["text"], "--model", files["base"], "--out", out, "--width", WIDTH, "--train-steps", "2"]
+    argv = [
+        "memorize",
+        files["text"],
+        "--model",
+        files["base"],
+        "--out",
+        out,
+        "--width",
+        WIDTH,
+        "--train-steps",
+        "2",
+        *WINDOW,
+    ]
     code, _, err = run(capsys, *argv)
     assert code == 130
     assert err.strip() == "locas memorize: interrupted; nothing was written"

@@ -94,6 +94,12 @@ def test_split_windows_puts_the_prefix_before_every_window():
     assert attention_mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0]]
 
 
+def test_a_window_longer_than_the_text_makes_rows_as_wide_as_the_text():
+    """(was: rows of the window's width, so `locas nll short.txt --window 999999` allocated ~1 TB)"""
+    input_ids, attention_mask = split_windows(torch.arange(10, 16), window=999_999, prefix=[7])
+    assert input_ids.tolist() == [[7, 10, 11, 12, 13, 14, 15]] and attention_mask.tolist() == [[1] * 7]
+
+
 def test_the_online_trainer_starts_every_window_with_the_prefix(one_thread):
     tokenizer, bos = bos_tokenizer()
     model = tiny_model("gemma3")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import shutil
 import sys
@@ -189,10 +188,28 @@ def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Te
     return token_ids
 
 
-def _windows(tokenizer, token_ids: torch.Tensor, window: int):
+def _windows(model, tokenizer, token_ids: torch.Tensor, window: int):
+    """The text in rows of --window tokens (after the tokenizer's prefix), checked against the model's positions."""
     from locas.data import split_windows, window_prefix
 
-    return split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0, prefix=window_prefix(tokenizer))
+    prefix = window_prefix(tokenizer)
+    input_ids, attention_mask = split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0, prefix=prefix)
+    learned = getattr(model.config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
+    trained = getattr(model.config, "max_position_embeddings", None)
+    extra = f" (+ {len(prefix)} prefix token)" if prefix else ""
+    if learned is not None and input_ids.shape[1] > learned:
+        raise CommandError(
+            f"--window {window}: windows of {input_ids.shape[1] - len(prefix)} tokens{extra}, but this model has "
+            f"{learned} positions; use --window {learned - len(prefix)} or less"
+        )
+    if learned is None and trained is not None and input_ids.shape[1] > trained:
+        warnings.warn(
+            f"--window {window}: windows of {input_ids.shape[1] - len(prefix)} tokens{extra} run past the "
+            f"{trained} positions this model was trained on (max_position_embeddings); its predictions there are "
+            "extrapolation",
+            stacklevel=2,
+        )
+    return input_ids, attention_mask
 
 
 def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> dict:
@@ -231,6 +248,12 @@ def _check_output_path(path: Path, suffix: str | None = None) -> None:
         raise CommandError(f"--out {str(path)!r} should end in {suffix}, e.g. --out {str(hint)!r}")
     if not path.parent.is_dir():
         raise CommandError(f"the folder of --out {str(path)!r} does not exist; create it first")
+    try:  # before any work: a folder it may not write in would lose it at the end
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise CommandError(
+            f"cannot write in the folder of --out {str(path)!r} ({error.strerror}); choose another folder"
+        ) from error
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -266,7 +289,7 @@ def command_memorize(args) -> None:
             f"continuation (--grpo-prompt-tokens {grpo.prompt_tokens} + --grpo-continuation-tokens "
             f"{grpo.continuation_tokens}); lower them or use a longer text"
         )
-    input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
+    input_ids, attention_mask = _windows(model, tokenizer, token_ids, args.window)
     locas_model = _locas_model(model, None, tau_rule=args.tau_rule, output_ratio=args.output_ratio or 0.1)
     memory = locas_model.memorize(
         input_ids.to(locas_model.device),
@@ -314,7 +337,7 @@ def command_nll(args) -> None:
     model, tokenizer = _load(args)
     locas_model = _locas_model(model, memory)
     token_ids = _tokens(tokenizer, text, args.text_file, args.max_tokens)
-    input_ids, attention_mask = _windows(tokenizer, token_ids, args.window)
+    input_ids, attention_mask = _windows(model, tokenizer, token_ids, args.window)
     result = _score(locas_model, tokenizer, input_ids, attention_mask)
     source = f"memory {args.memory}" if args.memory else "no memory"
     print(
@@ -394,10 +417,9 @@ def command_export(args) -> None:
             expected = locas_model(input_ids=probe).logits.float()
         merged = dense(input_ids=probe).logits.float()
 
+    from locas.data import with_default_permissions
+
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the checkpoint is for any server to read
     try:
         dense.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -415,7 +437,7 @@ def command_export(args) -> None:
             raise CommandError(f"reloaded dense model differs from the memory model by {difference:.3g} (> 0.0001)")
         if out.exists():
             out.rmdir()
-        staging.rename(out)
+        with_default_permissions(staging).rename(out)  # mkdtemp's folder and safetensors' files are private
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     width_field = locas_model.family.width_field

@@ -1,7 +1,8 @@
-"""Reading text and cutting token streams into fixed windows."""
+"""Reading text and cutting token streams into fixed windows; the permissions of the files written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,17 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise ValueError(f"text file {str(path)!r} is empty")
     return text
+
+
+def with_default_permissions(path: str | Path) -> Path:
+    """Give a written file (or a folder and everything in it) the permissions a plain `open` would: safetensors
+    and `tempfile` create private files (0600), and a checkpoint or memory is for other users and servers to read."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+    return path
 
 
 def first_tokens(tokenizer, text: str, max_tokens: int | None) -> list[int]:
@@ -73,8 +85,9 @@ def split_windows(
     """Cut a 1-D token stream into rows of `window` tokens, each after `prefix` (see `window_prefix`), the
     last row right-padded.
 
-    Returns (input_ids, attention_mask), both (rows, len(prefix) + window). A last piece of a single token
-    is dropped, since it holds no prediction.
+    Returns (input_ids, attention_mask), both (rows, len(prefix) + the longest piece): as wide as
+    `len(prefix) + window` unless the stream is shorter. A last piece of a single token is dropped, since it holds
+    no prediction.
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
@@ -82,7 +95,7 @@ def split_windows(
     pieces = [piece for piece in token_ids.split(window) if piece.numel() >= 2]
     if not pieces:
         raise ValueError(f"need at least 2 tokens, got {token_ids.numel()}")
-    width = len(prefix) + window
+    width = len(prefix) + max(piece.numel() for piece in pieces)
     input_ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(pieces), width), dtype=torch.long)
     for row, piece in enumerate(pieces):

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from locas.data import with_default_permissions
 
 FORMAT_VERSION = 2  # 2: tau (layers, batch, width); version 1 files (tau (layers, width)) still load
 READABLE_VERSIONS = (1, 2)
@@ -272,7 +275,9 @@ class Memory(nn.Module):
         temporary = path.with_name(path.name + ".partial")
         try:
             save_file(tensors, str(temporary), metadata={"locas": json.dumps(metadata)})
-            temporary.replace(path)
+            with_default_permissions(temporary).replace(path)
+        except SafetensorError as error:  # e.g. a folder it may not write in
+            raise OSError(f"cannot write memory file {str(path)!r}: {error}") from error
         finally:
             temporary.unlink(missing_ok=True)
         return path
