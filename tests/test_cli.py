@@ -617,7 +617,8 @@ def test_generate_refuses_an_empty_prompt_and_chat_without_template(files: dict,
     [
         (["--width", "0"], ["argument --width", "must be a positive integer, got 0"]),
         (["--width", "-3"], ["argument --width", "must be a positive integer"]),
-        (["--width", "many"], ["argument --width", "invalid"]),
+        (["--width", "many"], ["argument --width: must be an integer, got 'many'"]),
+        (["--lr", "fast"], ["argument --lr: must be a number, got 'fast'"]),
         (["--lr", "-1"], ["argument --lr", "must be a positive number"]),
         (["--lr", "nan"], ["argument --lr", "must be a positive number"]),
         (["--init", "biggest"], ["argument --init", "invalid choice", "'biggest'", "highest"]),
@@ -674,6 +675,9 @@ def test_books_may_come_after_options(capsys) -> None:
     assert capsys.readouterr().err == (
         "locas eval pg19: error: unrecognized arguments: b.txt --bogus (see 'locas eval pg19 --help')\n"
     )
+    forgetting = ["eval", "forgetting", "b.txt", "--method", "locas", "--out", "f.json", "--no-mmlu"]
+    args = parse_arguments([*forgetting, "--probe", "p.txt", "--probe", "q.txt"])
+    assert args.probes == ["p.txt", "q.txt"]  # (was: the last --probe only)
     with pytest.raises(SystemExit):  # only books are gathered: nll reads one text
         parse_arguments(["nll", "a.txt", "--window", "8", "b.txt"])
     assert "locas nll: error: unrecognized arguments: b.txt" in capsys.readouterr().err

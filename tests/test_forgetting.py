@@ -233,6 +233,7 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
         (["--max-tokens", "8"], ["--max-tokens 8 is less than one chunk (--chunk-size 16)"]),
         (["--context-window", "8"], ["--chunk-size 16 is larger than --context-window 8"]),
         (["--mmlu", "{tmp}"], ["has no test/ folder"]),
+        (["--mmlu", "{tmp}/nowhere"], ["MMLU folder", "nowhere' does not exist"]),
         (["--subjects", "botany"], ["unknown MMLU subject 'botany'"]),
         (["--out", "{tmp}/r.txt"], ["should end in .json"]),
     ],
@@ -243,7 +244,7 @@ def test_eval_forgetting_refusals_are_one_line_before_the_model_loads(
     monkeypatch.setattr(locas.default_model, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "p1.txt").write_text(TEXT, encoding="utf-8")
     flags = [flag.format(tmp=tmp_path, book=files["book"], p1=files["p1"]) for flag in flags]
-    probes = [] if "--probe" in flags else ["--probe", files["p1"]]  # a repeated --probe replaces the first
+    probes = [] if "--probe" in flags else ["--probe", files["p1"]]  # the case's own probes only
     argv = ["eval", "forgetting", files["book"], "--model", files["model"], "--method", "lora", *TRAINER, *PROBES]
     argv += ["--mmlu", files["mmlu"], *probes, "--out", tmp_path / "r.json", *flags]
     code, stdout, err = run(capsys, *argv)

@@ -214,6 +214,7 @@ def ten_conversations() -> list[dict]:
     ("data", "flags", "fragments"),
     [
         ("{missing}", [], ["{missing}", "does not exist"]),
+        ("{folder}", [], ["LoCoMo path", "is a folder; pass the JSON file in it"]),
         ("{not_json}", [], ["{not_json}", "not a JSON file"]),
         ("{ten}", [], ["{ten}", "category 4 (single-hop): expected 841, found 10", "use the original locomo10.json"]),
         ("{data}", ["--method", "locas+none"], ["unknown condition 'locas+none'", "none, full, locas"]),
@@ -238,6 +239,7 @@ def test_refusals_are_one_line_before_the_model_loads(
         "ten": write_data(tmp_path / "ten.json", ten_conversations()),
         "file": tmp_path / "file",
         "no_folder": tmp_path / "no" / "run",
+        "folder": tmp_path,
     }
     paths["not_json"].write_text("[{", encoding="utf-8")
     paths["file"].write_text("", encoding="utf-8")
@@ -258,7 +260,7 @@ def test_refusals_are_one_line_before_the_model_loads(
         (["--max-questions", "0"], ["argument --max-questions", "must be a positive integer"]),
         (["--categories", "6"], ["argument --categories", "categories are 1-5, got 6"]),
         (["--categories", "1,,2"], ["argument --categories", "comma-separated"]),
-        (["--categories", "one"], ["argument --categories", "comma-separated"]),
+        (["--categories", "one"], ["argument --categories: must be an integer, got 'one'"]),
         (["--conversations", ""], ["argument --conversations", "comma-separated"]),
         (["--max-new-tokens", "0"], ["argument --max-new-tokens", "must be a positive integer"]),
         (["--prompt-window", "-5"], ["argument --prompt-window", "must be a positive integer"]),

@@ -271,6 +271,18 @@ class Spy:
         return self.run_online_batch(*args, description=description, on_chunk=on_chunk, **kwargs)
 
 
+def test_an_evaluation_interrupted_before_it_saved_anything_says_so(
+    files: dict, full_run: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "results.json"
+    Spy(monkeypatch, interrupt=("a none", 0))  # the first chunk of all, before --save-every 2 saved any
+    code, _, err = run(capsys, *full_run["argv"][:-1], out)
+    assert code == 130
+    assert err.rstrip().endswith(
+        "locas eval pg19: interrupted; nothing was saved yet; run the same command to start again"
+    )
+
+
 @pytest.mark.parametrize("method", ["locas", "lora"])
 def test_an_interrupted_evaluation_resumes_to_the_same_numbers(
     files: dict, full_run: dict, tmp_path: Path, method: str, monkeypatch, capsys
@@ -390,6 +402,7 @@ def test_saved_state_in_another_weights_dtype_is_refused(full_run: dict, capsys)
         (["{missing}"], ["--method", "none"], ["{missing}", "does not exist"], True),
         (["{empty}"], ["--method", "none"], ["{empty}", "is empty"], True),
         (["{same_name}"], ["--method", "none"], ["{a}", "{same_name}", "have the same name"], True),
+        (["{a}"], ["--method", "none"], ["{a}", "is given twice; pass each book once"], True),
         (["{c}"], ["--method", "none"], ["{c}", "has 3 tokens, fewer than one chunk of 16"], False),
         ([], ["--method", "lora", "--lora-targets", "bogus_proj"], ["bogus_proj"], False),  # refused by the learner
     ],
@@ -442,7 +455,7 @@ def test_bad_out_path(files: dict, tmp_path: Path, out: str, fragments: list[str
         (["--context-window", "-1"], ["argument --context-window", "must be >= 0"]),
         (["--width", "0"], ["argument --width", "must be a positive integer"]),
         (["--lr", "-1"], ["argument --lr", "must be a positive number"]),
-        (["--steps-per-chunk", "two"], ["argument --steps-per-chunk", "invalid"]),
+        (["--steps-per-chunk", "two"], ["argument --steps-per-chunk: must be an integer, got 'two'"]),
         (["--mix-alpha", "1.5"], ["argument --mix-alpha", "between 0 and 1"]),
         (["--save-every", "0"], ["argument --save-every", "must be a positive integer"]),
         (["--loss", "kl"], ["argument --loss", "invalid choice"]),

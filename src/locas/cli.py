@@ -47,64 +47,74 @@ def usage_error(prog: str, message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+def _number(text: str, kind: type) -> int | float:
+    """`text` as an int or float; argparse then says "must be an integer, got 'abc'", not the function's name."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
 def at_least_two(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 (tokens), got {value}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
     return value
 
 
 def group_size(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 (advantages compare a prompt's samples), got {value}")
     return value
 
 
 def clip_range(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {value}")
     return value
 
 
 def fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 
 def positive_fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
     return value
@@ -113,7 +123,7 @@ def positive_fraction(text: str) -> float:
 def category(text: str) -> int:
     from locas.evaluation.config import CATEGORIES
 
-    value = int(text)
+    value = _number(text, int)
     if value not in CATEGORIES:
         raise argparse.ArgumentTypeError(f"LoCoMo categories are {min(CATEGORIES)}-{max(CATEGORIES)}, got {value}")
     return value
@@ -654,7 +664,10 @@ def command_eval_forgetting(args) -> None:
     subjects = [] if args.no_mmlu else mmlu.load_mmlu(args.mmlu, args.subjects, args.limit_per_subject, args.shots)
     model, tokenizer = _load(args)
     book = pg19.read_book(args.book, tokenizer, args.max_tokens, config.chunk_size)
-    probes = [pg19.read_book(path, tokenizer, args.probe_tokens, 2) for path in args.probes]
+    probes = [pg19.read_book(path, tokenizer, args.probe_tokens) for path in args.probes]
+    for probe in probes:
+        if probe.token_ids.numel() < 2:
+            raise CommandError(f"--probe {str(probe.path)!r} holds one token: nothing to predict; use a longer text")
     results = forgetting.evaluate_forgetting(
         model,
         tokenizer,
@@ -992,9 +1005,10 @@ def _add_eval_pg19(benchmarks, parents: list[argparse.ArgumentParser]) -> None:
     pg19.set_defaults(
         run=command_eval_pg19,
         command="eval pg19",
-        interrupted=lambda args: (
-            f"the state so far is in {Path(args.out).with_suffix('.state')}/ (saved every "
-            "--save-every chunks); run the same command to resume"
+        interrupted=lambda args: _kept(
+            [Path(args.out).with_suffix(".state")],
+            f"the state so far is in {Path(args.out).with_suffix('.state')}/ (saved every --save-every chunks); "
+            "run the same command to resume",
         ),
     )
 
@@ -1060,9 +1074,10 @@ def _add_eval_locomo(benchmarks, parents: list[argparse.ArgumentParser]) -> None
     locomo.set_defaults(
         run=command_eval_locomo,
         command="eval locomo",
-        interrupted=lambda args: (
+        interrupted=lambda args: _kept(
+            [Path(args.out) / "memories", Path(args.out) / "adapters"],
             f"the memories and adapters of the conversations finished so far are in "
-            f"{Path(args.out) / 'memories'} and {Path(args.out) / 'adapters'}; run the same command to reuse them"
+            f"{Path(args.out) / 'memories'} and {Path(args.out) / 'adapters'}; run the same command to reuse them",
         ),
     )
 
@@ -1121,7 +1136,13 @@ def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> 
         "--no-mmlu", action="store_true", help="measure the probe perplexity only (--mmlu and its options unread)"
     )
     forgetting.add_argument(
-        "--probe", dest="probes", nargs="+", required=True, metavar="TEXT", help="held-out UTF-8 texts"
+        "--probe",
+        dest="probes",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="TEXT",
+        help="held-out UTF-8 texts (repeat --probe or list several)",
     )
     forgetting.add_argument("--probe-tokens", type=at_least_two, default=4096, help="first N tokens of each probe")
     forgetting.add_argument("--probe-window", type=at_least_two, default=1024, help="tokens per scored window")
@@ -1132,11 +1153,19 @@ def _add_eval_forgetting(benchmarks, parents: list[argparse.ArgumentParser]) -> 
     forgetting.set_defaults(
         run=command_eval_forgetting,
         command="eval forgetting",
-        interrupted=lambda args: (
+        interrupted=lambda args: _kept(
+            [Path(args.out).with_suffix(".state.pt")],
             f"the training so far is saved in {Path(args.out).with_suffix('.state.pt')} "
-            "(every --save-every chunks); run the same command to resume"
+            "(every --save-every chunks); run the same command to resume",
         ),
     )
+
+
+def _kept(paths: list[Path], message: str) -> str:
+    """What an interrupted command kept: `message` where one of `paths` holds saved work, else that nothing did."""
+    if any(path.is_file() or (path.is_dir() and any(path.iterdir())) for path in paths):
+        return message
+    return "nothing was saved yet; run the same command to start again"
 
 
 def _trainer_flags(message: str) -> str:

@@ -215,6 +215,8 @@ def load_locomo(
     Raises FileNotFoundError for a missing file and ValueError, naming the file, for anything else wrong.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"LoCoMo path {str(path)!r} is a folder; pass the JSON file in it (e.g. locomo10.json)")
     if not path.is_file():
         raise FileNotFoundError(f"LoCoMo file {str(path)!r} does not exist (expected locomo10.json)")
     try:

@@ -115,6 +115,8 @@ def _parse_row(row: list[str], subject: str, where: str) -> Question:
 def list_subjects(directory: str | Path) -> list[str]:
     """The subjects of an MMLU folder (from `test/SUBJECT_test.csv`), sorted."""
     test = Path(directory) / "test"
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"MMLU folder {str(directory)!r} does not exist")
     if not test.is_dir():
         raise FileNotFoundError(
             f"MMLU folder {str(directory)!r} has no test/ folder; it must hold test/SUBJECT_test.csv "

@@ -72,6 +72,8 @@ def check_book_files(paths: Sequence[str | Path]) -> None:
     names: dict[str, Path] = {}
     for path in map(Path, paths):
         read_text(path)
+        if path.stem in names and names[path.stem].resolve() == path.resolve():
+            raise ValueError(f"{str(path)!r} is given twice; pass each book once")
         if path.stem in names:
             raise ValueError(f"books {str(names[path.stem])!r} and {str(path)!r} have the same name; rename one")
         names[path.stem] = path
@@ -84,7 +86,8 @@ def read_book(
     path = Path(path)
     token_ids = first_tokens(tokenizer, read_text(path), max_tokens)
     if len(token_ids) < chunk_size:
-        raise ValueError(f"book {str(path)!r} has {len(token_ids)} tokens, fewer than one chunk of {chunk_size}")
+        count = f"{len(token_ids)} token{'s' * (len(token_ids) != 1)}"
+        raise ValueError(f"book {str(path)!r} has {count}, fewer than one chunk of {chunk_size}")
     return Book(path.stem, path, torch.tensor(token_ids, dtype=torch.long))
 
 

@@ -258,8 +258,12 @@ class OnlineConfig:
             raise ValueError(f"key_lr_scale must be a number >= 0 (0: frozen keys), got {self.key_lr_scale}")
         if self.steps_per_chunk < 0:
             raise ValueError(f"steps_per_chunk must be >= 0, got {self.steps_per_chunk}")
-        if self.grow_by < 0 or (self.max_width is not None and self.max_width < self.width):
-            raise ValueError(f"grow_by must be >= 0 and max_width >= width; got {self.grow_by}, {self.max_width}")
+        if self.grow_by < 0:
+            raise ValueError(f"grow_by must be >= 0, got {self.grow_by}")
+        if self.max_width is not None and self.max_width < self.width:
+            raise ValueError(
+                f"max_width must be >= width {self.width} (the memory's first width), got {self.max_width}"
+            )
         if self.compiled and self.grow_by > 0 and self.method == "locas":
             raise ValueError(
                 f"compile {self.compile!r} with grow_by {self.grow_by}: a growing memory changes shape every chunk, "
