@@ -300,6 +300,24 @@ def test_generate_prints_a_continuation(files: dict, with_memory: bool, capsys) 
     assert out.endswith("\n") and len(out) > 1
 
 
+def test_generate_streams_what_generate_returns_and_checks_the_length(files: dict, tmp_path: Path, capsys) -> None:
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(files["base"]), AutoTokenizer.from_pretrained(files["base"])
+    encoded = tokenizer("The quick brown", return_tensors="pt")
+    expected = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    code, out, _ = run(capsys, "generate", "The quick brown", "--model", files["base"], "--max-new-tokens", 12)
+    assert code == 0
+    assert out == tokenizer.decode(expected[0, encoded.input_ids.shape[1] :], skip_special_tokens=True) + "\n"
+
+    code, _, err = run(capsys, "generate", "Hi", "--model", files["base"], "--max-new-tokens", 300)
+    assert code == 0 and "locas generate: warning: the prompt + --max-new-tokens 300 = 302 tokens run past" in err
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    code, out, err = run(capsys, "generate", "Hi", "--model", tmp_path / "gpt2", "--max-new-tokens", 300)
+    assert code == 2 and out == ""
+    error_line(err, "generate", "the prompt (2 tokens) + --max-new-tokens 300 exceed", "use --max-new-tokens 254")
+
+
 def test_python_dash_m_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "locas", "--help"], capture_output=True, text=True, timeout=120, check=False
@@ -599,7 +617,7 @@ def test_gradient_init_on_a_gated_model(files: dict, tmp_path: Path, capsys) -> 
     argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors"]
     code, _, err = run(capsys, *argv, "--init", "gradient", "--width", "4", *WINDOW)
     assert code == 2
-    error_line(err, "memorize", "gradient", "gated", "highest")
+    error_line(err, "memorize", "--init='gradient' is for 2-layer-MLP families", "gated", "highest")
     assert list(tmp_path.iterdir()) == []
 
 

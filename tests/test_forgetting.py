@@ -236,6 +236,7 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
         (["--mmlu", "{tmp}/nowhere"], ["MMLU folder", "nowhere' does not exist"]),
         (["--subjects", "botany"], ["unknown MMLU subject 'botany'"]),
         (["--out", "{tmp}/r.txt"], ["should end in .json"]),
+        (["--out", "{tmp}"], ["is a folder; name a file in it, e.g. --out", "/results.json"]),
     ],
 )
 def test_eval_forgetting_refusals_are_one_line_before_the_model_loads(

@@ -381,3 +381,16 @@ def test_questions_answered_in_a_batch_get_the_answers_they_get_alone(model, tok
     assert max(len(mask) for mask in batched) > 1  # some questions did share a batch
     # a sliding window sits at cache positions, so a sliding-window model's batches are never padded
     assert all(mask.all() for mask in batched) == sliding
+
+
+def test_a_prompt_window_past_the_models_positions_is_refused_or_warned_of():
+    from conftest import tiny_model
+
+    from locas.evaluation.locomo import prompt_window
+
+    gpt2, llama = tiny_model("gpt2"), tiny_model("llama")  # 256 positions each
+    assert prompt_window(gpt2, QASettings()) == 256 and prompt_window(llama, QASettings(prompt_window=200)) == 200
+    with pytest.raises(ValueError, match="prompt_window 300 is longer than the model's 256 positions; use 256"):
+        prompt_window(gpt2, QASettings(prompt_window=300))
+    with pytest.warns(UserWarning, match="prompt_window 300 runs past the 256 positions the model was trained on"):
+        assert prompt_window(llama, QASettings(prompt_window=300)) == 300

@@ -368,6 +368,14 @@ def test_resume_refuses_a_state_saved_over_another_text(tmp_path):
         run_online(tiny_model("llama"), stream(seed=9), config, state_path=tmp_path / "s.pt", progress=False)
 
 
+def test_resume_refuses_a_state_saved_with_other_model_weights(tmp_path):
+    config = OnlineConfig(method="locas", lr=1e-2, **SMALL)
+    run_online(tiny_model("llama"), stream(), config, state_path=tmp_path / "s.pt", save_every=1, progress=False)
+    with pytest.raises(ValueError, match="was made with other model weights"):
+        run_online(tiny_model("llama", seed=1), stream(), config, state_path=tmp_path / "s.pt", progress=False)
+    run_online(tiny_model("llama").bfloat16(), stream(), config, state_path=tmp_path / "s.pt", progress=False)
+
+
 def test_lora_seeding_leaves_the_callers_random_state_alone():
     model = tiny_model("llama")  # (seeds the global generator itself)
     torch.manual_seed(123)

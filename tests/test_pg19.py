@@ -332,7 +332,10 @@ def test_the_table_without_none_shows_no_ratio(full_run: dict) -> None:
 
 def test_a_finished_evaluation_run_again_only_rewrites_the_results(full_run: dict, monkeypatch, capsys) -> None:
     spy = Spy(monkeypatch)
-    code, stdout, _ = run(capsys, *full_run["argv"])
+    model = Path(full_run["argv"][full_run["argv"].index("--model") + 1])
+    monkeypatch.chdir(model.parent)  # the same model folder, named relatively: the same run
+    argv = [model.name if Path(arg) == model else arg for arg in full_run["argv"]]
+    code, stdout, _ = run(capsys, *argv)
     assert code == 0 and spy.chunks == {}
     again = json.loads(full_run["out"].read_text())
     assert again["aggregate"] == full_run["results"]["aggregate"]
@@ -342,7 +345,7 @@ def test_a_finished_evaluation_run_again_only_rewrites_the_results(full_run: dic
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (["--max-tokens", "80"], ["holds a run with other settings", "max_tokens 96 -> 80", "delete it"]),
+        (["--max-tokens", "80"], ["holds a run with other settings", "--max-tokens 96 -> 80", "delete it"]),
         # --lr changes locas (none ignores it: the none pair stays valid)
         (["--lr", "0.01"], ["the finished run in", "a.locas.json", "used other settings"]),
     ],

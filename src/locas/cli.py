@@ -198,21 +198,26 @@ def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Te
     return token_ids
 
 
+def _positions(model) -> tuple[int | None, int | None]:
+    """(learned positions: a hard limit (GPT-2's n_positions), the positions a rotary model was trained on)."""
+    learned = getattr(model.config, "n_positions", None)
+    return learned, None if learned is not None else getattr(model.config, "max_position_embeddings", None)
+
+
 def _windows(model, tokenizer, token_ids: torch.Tensor, window: int):
     """The text in rows of --window tokens (after the tokenizer's prefix), checked against the model's positions."""
     from locas.data import split_windows, window_prefix
 
     prefix = window_prefix(tokenizer)
     input_ids, attention_mask = split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0, prefix=prefix)
-    learned = getattr(model.config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
-    trained = getattr(model.config, "max_position_embeddings", None)
+    learned, trained = _positions(model)
     extra = f" (+ {len(prefix)} prefix token)" if prefix else ""
     if learned is not None and input_ids.shape[1] > learned:
         raise CommandError(
             f"--window {window}: windows of {input_ids.shape[1] - len(prefix)} tokens{extra}, but this model has "
             f"{learned} positions; use --window {learned - len(prefix)} or less"
         )
-    if learned is None and trained is not None and input_ids.shape[1] > trained:
+    if trained is not None and input_ids.shape[1] > trained:
         warnings.warn(
             f"--window {window}: windows of {input_ids.shape[1] - len(prefix)} tokens{extra} run past the "
             f"{trained} positions this model was trained on (max_position_embeddings); its predictions there are "
@@ -249,12 +254,11 @@ def _locas_model(model, memory: Memory | None, **options):
 
 
 def _check_output_path(path: Path, suffix: str | None = None) -> None:
+    stem = "memory" if suffix == ".safetensors" else "results"
     if suffix and path.is_dir():
-        raise CommandError(
-            f"--out {str(path)!r} is a folder; name a file in it, e.g. --out {str(path / 'memory')}{suffix}"
-        )
+        raise CommandError(f"--out {str(path)!r} is a folder; name a file in it, e.g. --out {str(path / stem)}{suffix}")
     if suffix and path.suffix != suffix:
-        hint = path.parent / ((path.stem or "memory") + suffix)
+        hint = path.parent / ((path.stem or stem) + suffix)
         raise CommandError(f"--out {str(path)!r} should end in {suffix}, e.g. --out {str(hint)!r}")
     if not path.parent.is_dir():
         raise CommandError(f"the folder of --out {str(path)!r} does not exist; create it first")
@@ -324,7 +328,8 @@ def command_memorize(args) -> None:
             rewards.append(mean_recall_reward(locas_model, token_ids, tokenizer, grpo, args.train_steps))
         if objective.token_loss:
             after = _score(locas_model, tokenizer, input_ids, attention_mask)
-            print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {args.train_steps} steps")
+            steps = f"{args.train_steps} step{'s' * (args.train_steps != 1)}"
+            print(f"training loss {losses[0]:.4f} -> {after['nll']:.4f} nats/token over {steps}")
         if grpo:
             print(
                 f"recall reward (token F1, held-out prompts) {rewards[0]:.3f} -> {rewards[1]:.3f} "
@@ -358,6 +363,7 @@ def command_nll(args) -> None:
 
 def command_generate(args) -> None:
     import torch
+    from transformers import TextStreamer
 
     if not args.prompt.strip():
         raise CommandError("the prompt is empty; pass some text to continue")
@@ -372,8 +378,21 @@ def command_generate(args) -> None:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     encoded = tokenizer(prompt, return_tensors="pt").to(locas_model.device)
-    with torch.no_grad():
-        output = locas_model.generate(
+    length = encoded.input_ids.shape[1] + args.max_new_tokens
+    learned, trained = _positions(model)
+    if learned is not None and length > learned:
+        raise CommandError(
+            f"the prompt ({encoded.input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} exceed this "
+            f"model's {learned} positions; use --max-new-tokens {max(learned - encoded.input_ids.shape[1], 0)} or less"
+        )
+    if trained is not None and length > trained:
+        warnings.warn(
+            f"the prompt + --max-new-tokens {args.max_new_tokens} = {length} tokens run past the {trained} positions "
+            "this model was trained on (max_position_embeddings)",
+            stacklevel=2,
+        )
+    with torch.no_grad():  # the text is printed as it is generated
+        locas_model.generate(
             input_ids=encoded.input_ids,
             attention_mask=encoded.attention_mask,
             max_new_tokens=args.max_new_tokens,
@@ -382,8 +401,8 @@ def command_generate(args) -> None:
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
         )
-    print(tokenizer.decode(output[0, encoded.input_ids.shape[1] :], skip_special_tokens=True))
 
 
 def command_export(args) -> None:
@@ -1169,15 +1188,17 @@ def _kept(paths: list[Path], message: str) -> str:
 
 
 def _trainer_flags(message: str) -> str:
-    """A trainer message with `OnlineConfig`'s field names as the eval commands' flags (chunk_size -> --chunk-size,
-    memory_init -> --init), so that it names what to change on the command line."""
+    """A trainer message with `OnlineConfig`'s field names (and the benchmarks' prompt_window, max_tokens) as the
+    eval commands' flags (chunk_size -> --chunk-size, memory_init -> --init), so that it names what to change on
+    the command line."""
     from locas.training.config import OnlineConfig
 
     # only where a value, a rule or an alternative follows: "lr 0.01", "lr must", "lower memorize_at or chunk_size"
-    for field in dataclasses.fields(OnlineConfig):
-        flag = "--init" if field.name == "memory_init" else "--" + field.name.replace("_", "-")
+    names = [field.name for field in dataclasses.fields(OnlineConfig)] + ["prompt_window", "max_tokens"]
+    for name in names:
+        flag = "--init" if name == "memory_init" else "--" + name.replace("_", "-")
         value = r"(?=\s+(?:[\d'\"\-]|must\b|is\b|or\b|>=)|=|$)"
-        message = re.sub(rf"(?<![\w\-/.']){field.name}{value}", flag, message)
+        message = re.sub(rf"(?<![\w\-/.']){name}{value}", flag, message)
     return message
 
 
@@ -1216,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_command(args)
     except (CommandError, ModelLoadError, OSError, ValueError, IndexError) as error:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        if hasattr(args, "chunk_size") and not isinstance(error, CommandError):
+        if (hasattr(args, "chunk_size") or args.command == "memorize") and not isinstance(error, CommandError):
             message = _trainer_flags(message)
         if hasattr(args, "width"):
             message = message.replace("width (keep_top)", "--width")  # memorize's Python name for it

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -485,9 +486,23 @@ def prompt_pieces(tokenizer: PreTrainedTokenizerBase, user_text: str) -> tuple[l
 
 
 def prompt_window(model: PreTrainedModel, settings: QASettings) -> int:
-    window = settings.prompt_window or getattr(model.config, "max_position_embeddings", None)
+    """Tokens of prompt + answer: `settings.prompt_window`, by default the model's positions. Longer is refused
+    for learned positions (GPT-2) and warned of for rotary ones (they run on, extrapolating)."""
+    learned = getattr(model.config, "n_positions", None)
+    trained = learned or getattr(model.config, "max_position_embeddings", None)
+    window = settings.prompt_window or trained
     if not window:
         raise ValueError("the model's config has no max_position_embeddings; set QASettings.prompt_window")
+    if learned and window > learned:
+        raise ValueError(
+            f"prompt_window {window} is longer than the model's {learned} positions; use {learned} or less"
+        )
+    if trained and window > trained:
+        warnings.warn(
+            f"prompt_window {window} runs past the {trained} positions the model was trained on "
+            "(max_position_embeddings): its answers there come from extrapolation",
+            stacklevel=2,
+        )
     return window
 
 
@@ -739,8 +754,9 @@ def format_table(results: dict) -> str:
             for method, stats in info["training"].items()
         )
         answered = ", ".join(f"{name} {c['answer_seconds']:.1f}s" for name, c in info["conditions"].items())
+        questions = f"{info['questions']} question{'s' * (info['questions'] != 1)}"
         lines.append(
-            f"{sample_id}: {info['dialogue_tokens']} dialogue tokens, {info['questions']} questions; "
+            f"{sample_id}: {info['dialogue_tokens']} dialogue tokens, {questions}; "
             f"trained {trained or '-'}; answered {answered}"
         )
     lines.append(

@@ -197,6 +197,8 @@ def open_state_folder(folder: Path, settings: dict) -> None:
     saved = folder / "settings.json"
     if saved.exists():
         previous = json.loads(saved.read_text(encoding="utf-8"))
+        if _same_folder(previous.get("model"), settings.get("model")):  # "tiny" and "/abs/tiny" are one model
+            previous["model"] = settings["model"]
         if previous != settings:
             changed = ", ".join(
                 f"{key} {previous.get(key)} -> {settings.get(key)}"
@@ -209,6 +211,11 @@ def open_state_folder(folder: Path, settings: dict) -> None:
         return
     folder.mkdir(exist_ok=True)
     write_json(settings, saved)
+
+
+def _same_folder(first: str | None, second: str | None) -> bool:
+    paths = [Path(name) for name in (first, second) if name is not None]
+    return len(paths) == 2 and all(path.exists() for path in paths) and paths[0].samefile(paths[1])
 
 
 def _row_path(folder: Path, book: Book, label: str) -> Path:

@@ -41,10 +41,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locas.attention import keys_and_values_per_query_head
 from locas.data import window_prefix
-from locas.families import family_of
+from locas.families import family_of, supported_model_types
 from locas.initialization import memorize
 from locas.memory import Memory
-from locas.model import LocasModel, check_token_ids, warn_if_float16
+from locas.model import LocasModel, check_token_ids, warn_if_float16, weight_signature
 from locas.training.config import OnlineConfig, same_settings, settings_changes
 from locas.training.grpo import grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
@@ -642,6 +642,8 @@ def run_online_batch(
     prefix = [] if tokenizer is None else window_prefix(tokenizer)
     _check_windows(model, config, max(document.numel() for document in documents), prefix)
     fingerprints = [_fingerprint(document) for document in documents]
+    # A few weights of every layer: a resumed run must have the same model (none/long run on any causal LM).
+    weights = weight_signature(model) if model.config.model_type in supported_model_types() else None
     results = [OnlineResult(config=config) for _ in documents]
     state_path = None if state_path is None else Path(state_path)
 
@@ -660,6 +662,16 @@ def run_online_batch(
                 )
             if state["texts"] != fingerprints:
                 raise ValueError(f"the saved run in {state_path} read another text; delete it or choose another output")
+            saved_weights = state.get("weights")  # (not in states saved before it was recorded)
+            if (
+                saved_weights is not None
+                and weights is not None
+                and not torch.allclose(torch.tensor(saved_weights), weights, rtol=1e-2, atol=1e-6)
+            ):
+                raise ValueError(
+                    f"the saved run in {state_path} was made with other model weights (the same path may hold "
+                    "another model now); delete it or choose another output"
+                )
             if state.get("prefix", []) != learner.prefix:
                 raise ValueError(
                     f"the saved run in {state_path} started its windows with {state.get('prefix', [])}, this one "
@@ -685,6 +697,7 @@ def run_online_batch(
                         "format": 2,
                         "config": dataclasses.asdict(config),
                         "texts": fingerprints,
+                        "weights": None if weights is None else weights.tolist(),
                         "prefix": learner.prefix,
                         "records": [[dataclasses.asdict(r) for r in result.records] for result in results],
                         "final_states": [result.final_state for result in results],
