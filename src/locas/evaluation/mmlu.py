@@ -328,8 +328,7 @@ def format_table(results: dict) -> str:
     lines = [f"{'subject':<40} {'questions':>9} {'accuracy':>9}"]
     for name, subject in results["subjects"].items():
         lines.append(f"{name:<40} {subject['questions']:>9} {subject['accuracy']:>9.4f}")
-    lines.append(
-        f"{'macro average (mean over subjects)':<40} {len(results['subjects']):>9} {results['macro_accuracy']:>9.4f}"
-    )
+    macro = f"macro average (mean over {len(results['subjects'])} subjects)"
+    lines.append(f"{macro:<40} {results['questions']:>9} {results['macro_accuracy']:>9.4f}")
     lines.append(f"{'micro average (all questions)':<40} {results['questions']:>9} {results['micro_accuracy']:>9.4f}")
     return "\n".join(lines)
