@@ -268,7 +268,7 @@ def test_export_in_bfloat16_checks_the_merge_in_float32(files: dict, tmp_path: P
     code, out, err = run(capsys, *argv, "--out", tmp_path / "exported")
     assert code == 0 and err == "", err
     assert "each merged MLP equals MLP + memory in float32 (largest relative difference" in out
-    assert out.rstrip().endswith("bfloat16 rounding)")
+    assert "; reloaded logits differ from the memory model's by" in out and out.rstrip().endswith("(bfloat16 rounding)")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported").dtype == torch.bfloat16
 
 
@@ -316,6 +316,9 @@ def test_generate_streams_what_generate_returns_and_checks_the_length(files: dic
     code, out, err = run(capsys, "generate", "Hi", "--model", tmp_path / "gpt2", "--max-new-tokens", 300)
     assert code == 2 and out == ""
     error_line(err, "generate", "the prompt (2 tokens) + --max-new-tokens 300 exceed", "use --max-new-tokens 254")
+    code, out, err = run(capsys, "generate", "Hi " * 300, "--model", tmp_path / "gpt2", "--max-new-tokens", 1)
+    assert code == 2 and out == ""
+    error_line(err, "generate", "fill this model's 256 positions: nothing can follow; use a shorter prompt")
 
 
 def test_python_dash_m_help() -> None:

@@ -234,6 +234,7 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
         (["--context-window", "8"], ["--chunk-size 16 is larger than --context-window 8"]),
         (["--mmlu", "{tmp}"], ["has no test/ folder"]),
         (["--mmlu", "{tmp}/nowhere"], ["MMLU folder", "nowhere' does not exist"]),
+        (["--mmlu", "{tmp}/p1.txt"], ["MMLU folder", "p1.txt' is a file, not a folder"]),
         (["--subjects", "botany"], ["unknown MMLU subject 'botany'"]),
         (["--out", "{tmp}/r.txt"], ["should end in .json"]),
         (["--out", "{tmp}"], ["is a folder; name a file in it, e.g. --out", "/results.json"]),

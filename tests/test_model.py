@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 from conftest import GATED_FAMILIES, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, OPTConfig, OPTForCausalLM
 
 import locas
 from locas.model import LocasModel, output_scales, spread_positions
@@ -148,6 +148,11 @@ def test_generate_with_a_batched_memory_runs_each_prompts_memory_on_its_copies(s
         assert torch.equal(together[2 * index : 2 * index + 2], alone)
     with locas_model.serving([1]):  # rows picked by the caller are repeated as well
         assert torch.equal(locas_model.generate(prompts[1:], **settings), together[2:])
+    if "num_beams" in settings:  # generate's second positional argument is a GenerationConfig
+        config = GenerationConfig(**{k: v for k, v in settings.items() if k != "max_new_tokens"}, max_new_tokens=6)
+        assert torch.equal(locas_model.generate(prompts, config), together)
+    with pytest.raises(ValueError, match="a memory with batch 2 serves 2 prompts, one each; got 1"):
+        locas_model.generate(prompts[:1], **settings)
 
 
 def test_a_model_without_weights_is_refused():
@@ -246,6 +251,9 @@ def test_memories_can_be_set_while_the_hooks_are_removed_for_a_moment(tokens):
             with locas_model.using(memory):
                 assert torch.equal(backbone(tokens).logits, expected)
         assert torch.equal(locas_model(tokens).logits, with_memory)
+        with locas_model.hooks_removed():
+            locas_model.to_dense()  # a block of its own inside: the hooks come back once, at the outer end
+        assert len(memory_hooks(model)) == 2 and torch.equal(locas_model(tokens).logits, with_memory)
 
 
 def test_a_failed_attach_leaves_no_hooks_behind(tokens):
@@ -350,6 +358,13 @@ def test_a_copy_of_a_locas_model_runs_its_own_copy_of_the_memory(tokens):
         copied.memory.down.mul_(2)
         assert not torch.equal(copied(tokens).logits, locas_model(tokens).logits)
     assert LocasModel.wrapping(copied.model) is copied and LocasModel.wrapping(locas_model.model) is locas_model
+    locas_model.train()  # modes are copied as they are, the wrapper's and the backbone's
+    copied = copy.deepcopy(locas_model)
+    assert copied.training and copied.model.training and copied.memory.training
+    locas_model.eval()
+    assert not copy.deepcopy(locas_model).training  # (a new LocasModel starts in training mode)
+    with pytest.raises(TypeError, match="cannot be copied shallowly .* use copy.deepcopy"):
+        copy.copy(locas_model)
 
 
 def test_torch_save_of_a_wrapped_model_or_a_locas_model_loads_like_a_copy(tokens, tmp_path):

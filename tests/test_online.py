@@ -374,6 +374,11 @@ def test_resume_refuses_a_state_saved_with_other_model_weights(tmp_path):
     with pytest.raises(ValueError, match="was made with other model weights"):
         run_online(tiny_model("llama", seed=1), stream(), config, state_path=tmp_path / "s.pt", progress=False)
     run_online(tiny_model("llama").bfloat16(), stream(), config, state_path=tmp_path / "s.pt", progress=False)
+    deeper_config = tiny_model("llama").config
+    deeper_config.num_hidden_layers = 3
+    deeper = AutoModelForCausalLM.from_config(deeper_config)
+    with pytest.raises(ValueError, match="was made with other model weights"):  # (was: a shape error)
+        run_online(deeper, stream(), config, state_path=tmp_path / "s.pt", progress=False)
 
 
 def test_lora_seeding_leaves_the_callers_random_state_alone():

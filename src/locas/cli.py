@@ -198,19 +198,14 @@ def _tokens(tokenizer, text: str, path: str, max_tokens: int | None) -> torch.Te
     return token_ids
 
 
-def _positions(model) -> tuple[int | None, int | None]:
-    """(learned positions: a hard limit (GPT-2's n_positions), the positions a rotary model was trained on)."""
-    learned = getattr(model.config, "n_positions", None)
-    return learned, None if learned is not None else getattr(model.config, "max_position_embeddings", None)
-
-
 def _windows(model, tokenizer, token_ids: torch.Tensor, window: int):
     """The text in rows of --window tokens (after the tokenizer's prefix), checked against the model's positions."""
     from locas.data import split_windows, window_prefix
+    from locas.model import positions
 
     prefix = window_prefix(tokenizer)
     input_ids, attention_mask = split_windows(token_ids, window, pad_id=tokenizer.pad_token_id or 0, prefix=prefix)
-    learned, trained = _positions(model)
+    learned, trained = positions(model)
     extra = f" (+ {len(prefix)} prefix token)" if prefix else ""
     if learned is not None and input_ids.shape[1] > learned:
         raise CommandError(
@@ -365,6 +360,8 @@ def command_generate(args) -> None:
     import torch
     from transformers import TextStreamer
 
+    from locas.model import positions
+
     if not args.prompt.strip():
         raise CommandError("the prompt is empty; pass some text to continue")
     memory = _read_memory(args.memory) if args.memory else None
@@ -379,7 +376,12 @@ def command_generate(args) -> None:
         )
     encoded = tokenizer(prompt, return_tensors="pt").to(locas_model.device)
     length = encoded.input_ids.shape[1] + args.max_new_tokens
-    learned, trained = _positions(model)
+    learned, trained = positions(model)
+    if learned is not None and encoded.input_ids.shape[1] >= learned:
+        raise CommandError(
+            f"the prompt's {encoded.input_ids.shape[1]} tokens fill this model's {learned} positions: nothing can "
+            "follow; use a shorter prompt"
+        )
     if learned is not None and length > learned:
         raise CommandError(
             f"the prompt ({encoded.input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} exceed this "
@@ -470,11 +472,14 @@ def command_export(args) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     width_field = locas_model.family.width_field
-    rounding = "" if dense.dtype == torch.float32 else f", {str(dense.dtype).removeprefix('torch.')} rounding"
+    if dense.dtype == torch.float32:
+        logits = f"reloaded logits match the memory model (max abs diff {difference:.2e})"
+    else:
+        half = str(dense.dtype).removeprefix("torch.")
+        logits = f"reloaded logits differ from the memory model's by {difference:.2e} ({half} rounding)"
     print(
         f"exported {out}: {type(dense).__name__}, {width_field} {getattr(dense.config, width_field)}; each merged MLP "
-        f"equals MLP + memory in float32 (largest relative difference {layer_error:.1e}); reloaded logits match the "
-        f"memory model (max abs diff {difference:.2e}{rounding})"
+        f"equals MLP + memory in float32 (largest relative difference {layer_error:.1e}); {logits}"
     )
 
 

@@ -28,11 +28,21 @@ def with_default_permissions(path: str | Path) -> Path:
     """Give a written file (or a folder and everything in it) the permissions a plain `open` would: safetensors
     and `tempfile` create private files (0600), and a checkpoint or memory is for other users and servers to read."""
     path = Path(path)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (setting it races with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+        return umask
 
 
 def first_tokens(tokenizer, text: str, max_tokens: int | None) -> list[int]:

@@ -88,6 +88,8 @@ def merge_error(model: LocasModel, dense: PreTrainedModel, input_ids: torch.Tens
     one wider product, which moves bfloat16 logits about as much as an untrained memory does.
     """
     family, dtype = model.family, next(model.model.parameters()).dtype
+    check_memory(memory, model.model)
+    memory = memory.to(model.device)  # (in place, as `using` would)
     rounded = Memory(
         up=memory.up.detach().to(dtype).float(),
         gate=None if memory.gate is None else memory.gate.detach().to(dtype).float(),

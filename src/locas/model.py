@@ -167,6 +167,13 @@ def _user_stacklevel() -> int:
 
 
 # `locas.memorize(model, ids)` returns a memory without attaching it
+def positions(model: PreTrainedModel) -> tuple[int | None, int | None]:
+    """(learned positions, a hard limit: GPT-2's n_positions; or the positions a rotary model was trained on, past
+    which it runs on, extrapolating: max_position_embeddings). One of the two is None."""
+    learned = getattr(model.config, "n_positions", None)
+    return learned, None if learned is not None else getattr(model.config, "max_position_embeddings", None)
+
+
 def warn_if_float16(model: PreTrainedModel, stacklevel: int = 3) -> None:
     """Warn that training through a float16 backbone may lose its gradients: nothing scales the loss here."""
     if next(model.parameters()).dtype == torch.float16:
@@ -358,11 +365,12 @@ class LocasModel(nn.Module):
     @contextmanager
     def hooks_removed(self) -> Iterator[PreTrainedModel]:
         """The bare backbone for the duration of the block (e.g. to copy it)."""
+        installed = bool(self._hooks)  # an inner block (e.g. to_dense inside one) leaves them to the outer one
         self._remove_hooks()
         try:
             yield self.model
         finally:
-            if not self._detached:
+            if installed and not self._detached:
                 self._install_hooks()
 
     def detach(self) -> PreTrainedModel:
@@ -378,8 +386,14 @@ class LocasModel(nn.Module):
         """Copied (copy.deepcopy) and pickled (torch.save) as a LocasModel on a copy of the backbone, with a copy
         of the memory (`rows`, modes and detachment kept)."""
         options = {"tau_rule": self.tau_rule, "output_ratio": self.output_ratio, "memory_layers": self.memory_layers}
-        state = (self.rows, self.model.training, self._backbone_was_training, self._detached)
+        state = (self.rows, self.training, self.model.training, self._backbone_was_training, self._detached)
         return _rebuilt_locas_model, (self.model, self.memory, options, state)
+
+    def __copy__(self) -> LocasModel:
+        raise TypeError(
+            "a LocasModel cannot be copied shallowly (two of them on one backbone would add the memory twice); "
+            "use copy.deepcopy, which copies the backbone too"
+        )
 
     @contextmanager
     def using(self, memory: Memory | None) -> Iterator[LocasModel]:
@@ -419,12 +433,21 @@ class LocasModel(nn.Module):
     def generate(self, *args, **kwargs):
         """`model.generate` with the attached memory active (KV cache included). With a batched memory, each
         prompt's beams and returned sequences (`num_beams`, `num_return_sequences`) run that prompt's memory."""
-        config = kwargs.get("generation_config") or self.model.generation_config
+        from transformers import GenerationConfig
+
+        given = kwargs.get("generation_config") or next((a for a in args[1:2] if isinstance(a, GenerationConfig)), None)
+        config = given or self.model.generation_config
         beams = kwargs.get("num_beams", config.num_beams) or 1
         returned = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
         copies = max(beams, returned)  # generate repeats each prompt this many times, in place
         if self.memory is None or copies == 1 or (self.rows is None and self.memory.batch_size == 1):
             return self.model.generate(*args, **kwargs)
+        prompts = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if self.rows is None and isinstance(prompts, torch.Tensor) and prompts.shape[0] != self.memory.batch_size:
+            raise ValueError(
+                f"a memory with batch {self.memory.batch_size} serves {self.memory.batch_size} prompts, one each; "
+                f"got {prompts.shape[0]} (pick memories with serving(rows), or use a memory of batch 1)"
+            )
         rows = torch.arange(self.memory.batch_size) if self.rows is None else self.rows.cpu()
         with self.serving(rows.repeat_interleave(copies).tolist()):
             return self.model.generate(*args, **kwargs)
@@ -509,8 +532,9 @@ class LocasModel(nn.Module):
 
 def _rebuilt_locas_model(backbone: PreTrainedModel, memory: Memory | None, options: dict, state: tuple) -> LocasModel:
     """A copied or unpickled LocasModel: its backbone's hooks came back inert, so it is wrapped again."""
-    rows, training, backbone_was_training, detached = state
+    rows, wrapper_training, training, backbone_was_training, detached = state
     locas_model = LocasModel(backbone, memory=memory, **options)
+    locas_model.training = wrapper_training
     locas_model.rows = rows
     locas_model._backbone_was_training = backbone_was_training
     if detached:

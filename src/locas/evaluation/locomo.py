@@ -51,7 +51,7 @@ from locas.evaluation.distributed import SINGLE_PROCESS, Ranks
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.evaluation.token_f1 import multi_answer_f1, token_f1
 from locas.memory import Memory
-from locas.model import LocasModel, encode_prefix
+from locas.model import LocasModel, encode_prefix, positions
 from locas.training.config import OnlineConfig, same_settings, settings_changes
 from locas.training.online import OnlineResult, run_online, trained
 
@@ -488,9 +488,8 @@ def prompt_pieces(tokenizer: PreTrainedTokenizerBase, user_text: str) -> tuple[l
 def prompt_window(model: PreTrainedModel, settings: QASettings) -> int:
     """Tokens of prompt + answer: `settings.prompt_window`, by default the model's positions. Longer is refused
     for learned positions (GPT-2) and warned of for rotary ones (they run on, extrapolating)."""
-    learned = getattr(model.config, "n_positions", None)
-    trained = learned or getattr(model.config, "max_position_embeddings", None)
-    window = settings.prompt_window or trained
+    learned, trained = positions(model)
+    window = settings.prompt_window or learned or trained
     if not window:
         raise ValueError("the model's config has no max_position_embeddings; set QASettings.prompt_window")
     if learned and window > learned:

@@ -116,7 +116,8 @@ def list_subjects(directory: str | Path) -> list[str]:
     """The subjects of an MMLU folder (from `test/SUBJECT_test.csv`), sorted."""
     test = Path(directory) / "test"
     if not Path(directory).is_dir():
-        raise FileNotFoundError(f"MMLU folder {str(directory)!r} does not exist")
+        what = "is a file, not a folder" if Path(directory).exists() else "does not exist"
+        raise FileNotFoundError(f"MMLU folder {str(directory)!r} {what}")
     if not test.is_dir():
         raise FileNotFoundError(
             f"MMLU folder {str(directory)!r} has no test/ folder; it must hold test/SUBJECT_test.csv "
