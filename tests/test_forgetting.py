@@ -201,7 +201,9 @@ def test_evaluate_forgetting_with_no_subjects_measures_the_probes_only(files: di
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, tmp_path: Path, capsys) -> None:
+def test_eval_forgetting_writes_both_measurements_and_the_changes(
+    files: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
     out = tmp_path / "results.json"
     argv = ["eval", "forgetting", files["book"], "--model", files["model"], "--method", "locas", *TRAINER]
     argv += ["--mmlu", files["mmlu"], "--probe", files["p1"], files["p2"], *PROBES, "--lr", "0.05", "--out", out]
@@ -222,6 +224,12 @@ def test_eval_forgetting_writes_both_measurements_and_the_changes(files: dict, t
     assert code == 0, err
     assert f"finished earlier, read from {out.with_suffix('.state.pt')}\n" in err
     assert json.loads(out.read_text(encoding="utf-8"))["deltas"] == deltas
+
+    measured = []
+    monkeypatch.setattr(forgetting, "measure", lambda *a, **k: measured.append(a) or pytest.fail("measured"))
+    code, _, err = run(capsys, *argv, "--lr", "0.01")  # other settings than the saved training's
+    assert code == 2 and measured == []  # refused before the probes and MMLU were scored
+    error_line(err, "eval forgetting", "used other settings (--lr 0.05 -> 0.01)")
 
 
 @pytest.mark.parametrize(

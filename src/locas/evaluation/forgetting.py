@@ -198,9 +198,7 @@ def evaluate_forgetting(
     if config.method not in ("locas", "lora"):
         raise ValueError(f"forgetting compares a trained memory or adapter with the model; method {config.method!r}")
     options = {"probe_window": probe_window, "progress": progress}
-    if base is None:
-        base = measure(model, tokenizer, subjects, probes, **options, label="base")
-    result = run_online(
+    result = run_online(  # first: a saved training of other settings is refused before any measurement
         model,
         book.token_ids,
         config,
@@ -210,6 +208,8 @@ def evaluate_forgetting(
         description=f"{book.name} {config.method}",
         tokenizer=tokenizer,
     )
+    if base is None:  # the model is bare again after the training
+        base = measure(model, tokenizer, subjects, probes, **options, label="base")
     with trained(model, result):  # the memory's hooks (adapter's layers) sit inside `model` for the block
         adapted = measure(model, tokenizer, subjects, probes, **options, label=config.method)
     return {
