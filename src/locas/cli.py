@@ -385,7 +385,7 @@ def command_generate(args) -> None:
     if learned is not None and length > learned:
         raise CommandError(
             f"the prompt ({encoded.input_ids.shape[1]} tokens) + --max-new-tokens {args.max_new_tokens} exceed this "
-            f"model's {learned} positions; use --max-new-tokens {max(learned - encoded.input_ids.shape[1], 0)} or less"
+            f"model's {learned} positions; use --max-new-tokens {learned - encoded.input_ids.shape[1]} or less"
         )
     if trained is not None and length > trained:
         warnings.warn(

@@ -166,7 +166,6 @@ def _user_stacklevel() -> int:
     return level
 
 
-# `locas.memorize(model, ids)` returns a memory without attaching it
 def positions(model: PreTrainedModel) -> tuple[int | None, int | None]:
     """(learned positions, a hard limit: GPT-2's n_positions; or the positions a rotary model was trained on, past
     which it runs on, extrapolating: max_position_embeddings). One of the two is None."""
@@ -174,16 +173,17 @@ def positions(model: PreTrainedModel) -> tuple[int | None, int | None]:
     return learned, None if learned is not None else getattr(model.config, "max_position_embeddings", None)
 
 
-def warn_if_float16(model: PreTrainedModel, stacklevel: int = 3) -> None:
+def warn_if_float16(model: PreTrainedModel) -> None:
     """Warn that training through a float16 backbone may lose its gradients: nothing scales the loss here."""
     if next(model.parameters()).dtype == torch.float16:
         warnings.warn(
             "training through a float16 backbone: without loss scaling, small gradients underflow to zero in "
             "float16; load the model in bfloat16 (or float32) instead",
-            stacklevel=stacklevel,
+            stacklevel=_user_stacklevel(),
         )
 
 
+# `locas.memorize(model, ids)` returns a memory without attaching it
 NO_MEMORY = (
     "no memory attached: make one with locas_model.memorize(input_ids, ...) (it attaches the memory it makes), "
     "or attach one with locas_model.attach_memory(memory) (e.g. the one locas.memorize returned)"

@@ -605,7 +605,7 @@ def run_online_batch(
     if not documents:
         raise ValueError("no documents to train on")
     if config.method in ("locas", "lora"):
-        warn_if_float16(model, stacklevel=4)
+        warn_if_float16(model)
     if config.uses_grpo:  # (resolved: a locas run)
         needed = config.grpo_prompt_tokens + config.grpo_continuation_tokens
         if min(config.chunk_size, documents[0].numel()) < needed:
