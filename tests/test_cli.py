@@ -608,6 +608,15 @@ def test_windows_past_the_models_positions(files: dict, tmp_path: Path, capsys) 
     error_line(err, "nll", "--window 300: windows of 300 tokens, but this model has 256 positions; use --window 256")
 
 
+def test_scoring_a_long_text_shows_progress(files: dict, tmp_path: Path, capsys) -> None:
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(TEXT * 8, encoding="utf-8")
+    code, _, err = run(capsys, "nll", long_text, "--model", files["base"], "--window", "4", "--max-tokens", "200")
+    assert code == 0 and "scoring" in err  # 50 windows in batches of 4
+    code, _, err = run(capsys, "nll", long_text, "--model", files["base"], "--window", "64", "--max-tokens", "200")
+    assert code == 0 and err == ""  # 4 windows: no bar
+
+
 def test_width_larger_than_the_mlp(files: dict, tmp_path: Path, capsys) -> None:
     argv = ["memorize", files["text"], "--model", files["base"], "--out", tmp_path / "m.safetensors", "--width", "64"]
     code, _, err = run(capsys, *argv, *WINDOW)

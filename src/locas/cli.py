@@ -223,9 +223,13 @@ def _windows(model, tokenizer, token_ids: torch.Tensor, window: int):
 
 
 def _score(model, tokenizer, input_ids, attention_mask, batch_size: int = 4) -> dict:
-    """Total NLL over all windows, perplexity and bits per byte of the predicted text."""
+    """Total NLL over all windows, perplexity and bits per byte of the predicted text (a progress bar on stderr
+    for texts of more than 8 batches of windows: a whole book at the default window takes minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     total_nll, predicted, predicted_bytes = 0.0, 0, 0
-    for start in range(0, input_ids.shape[0], batch_size):
+    starts = range(0, input_ids.shape[0], batch_size)
+    for start in tqdm(starts, desc="scoring", unit="batch", leave=False, disable=len(starts) <= 8):
         ids = input_ids[start : start + batch_size].to(model.device)
         mask = attention_mask[start : start + batch_size].to(model.device)
         total_nll += model.compute_nll(ids, attention_mask=mask).sum().item()
