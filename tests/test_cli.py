@@ -608,6 +608,18 @@ def test_windows_past_the_models_positions(files: dict, tmp_path: Path, capsys) 
     error_line(err, "nll", "--window 300: windows of 300 tokens, but this model has 256 positions; use --window 256")
 
 
+def test_grpo_options_without_a_grpo_loss_are_said_to_be_ignored(files: dict, tmp_path: Path, capsys) -> None:
+    argv = ["memorize", files["text"], "--model", files["base"], "--width", WIDTH, *WINDOW, "--train-steps", "1"]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "a.safetensors", "--grpo-beta", "0.5")
+    assert code == 0
+    assert err.splitlines()[0] == (
+        "locas memorize: warning: --grpo-beta: only --loss grpo and ntp+grpo read the GRPO options; this run's "
+        "loss is 'ntp', so they are ignored"
+    )
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "b.safetensors")
+    assert code == 0 and "warning" not in err
+
+
 def test_scoring_a_long_text_shows_progress(files: dict, tmp_path: Path, capsys) -> None:
     long_text = tmp_path / "long.txt"
     long_text.write_text(TEXT * 8, encoding="utf-8")

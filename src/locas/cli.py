@@ -494,7 +494,20 @@ def _online_config(args) -> OnlineConfig:
     config = OnlineConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(OnlineConfig) if hasattr(args, f.name)}
     )
-    _check_output_ratio(args, dataclasses.replace(config, method="locas").resolved().tau_rule)
+    locas = dataclasses.replace(config, method="locas").resolved()
+    _check_output_ratio(args, locas.tau_rule)
+    default = OnlineConfig()
+    changed = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(OnlineConfig)
+        if f.name.startswith("grpo_") and getattr(config, f.name) != getattr(default, f.name)
+    ]
+    if changed and not locas.uses_grpo:
+        warnings.warn(
+            f"{', '.join(changed)}: only --loss grpo and ntp+grpo read the GRPO options; this run's loss is "
+            f"{locas.loss!r}, so they are ignored",
+            stacklevel=2,
+        )
     return config
 
 
