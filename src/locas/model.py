@@ -110,10 +110,10 @@ def check_token_ids(
                 f"{name} hold ids outside the model's vocabulary 0..{vocabulary - 1} (min {lowest}, max {highest}): "
                 "tokenize with the model's own tokenizer"
             )
-    positions = getattr(model.config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
-    if positions is not None and input_ids.shape[1] > positions:
+    learned, _ = positions(model)  # learned position embeddings (GPT-2): a hard limit
+    if learned is not None and input_ids.shape[1] > learned:
         raise ValueError(
-            f"{input_ids.shape[1]} tokens in a sequence, but this model has {positions} positions "
+            f"{input_ids.shape[1]} tokens in a sequence, but this model has {learned} positions "
             "(config.n_positions); use shorter windows"
         )
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):

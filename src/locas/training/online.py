@@ -44,7 +44,7 @@ from locas.data import window_prefix
 from locas.families import family_of, supported_model_types
 from locas.initialization import memorize
 from locas.memory import Memory
-from locas.model import LocasModel, check_token_ids, warn_if_float16, weight_signature
+from locas.model import LocasModel, check_token_ids, positions, warn_if_float16, weight_signature
 from locas.training.config import OnlineConfig, same_settings, settings_changes
 from locas.training.grpo import grpo_train_chunk
 from locas.training.losses import LOSSES, NEEDS_TEACHER, LossInputs
@@ -515,8 +515,8 @@ def _check_stream(model: PreTrainedModel, token_ids, name: str) -> torch.Tensor:
 def _check_windows(model: PreTrainedModel, config: OnlineConfig, longest_document: int, prefix: list[int]) -> None:
     """ValueError naming the options to shrink when a window of the run holds more tokens than the model has
     learned positions (`config.n_positions`, GPT-2)."""
-    positions = getattr(model.config, "n_positions", None)
-    if positions is None:
+    learned, _ = positions(model)
+    if learned is None:
         return
     window = f"context_window {config.context_window}"
     if config.method == "long":
@@ -531,9 +531,9 @@ def _check_windows(model: PreTrainedModel, config: OnlineConfig, longest_documen
     if prefix:
         terms += f" + {len(prefix)} prefix token (the tokenizer's bos)"
     tokens = min(previous + config.chunk_size, longest_document) + len(prefix)
-    if tokens > positions:
+    if tokens > learned:
         raise ValueError(
-            f"this run's longest window is {terms} = {tokens} tokens, but the model has {positions} positions "
+            f"this run's longest window is {terms} = {tokens} tokens, but the model has {learned} positions "
             "(config.n_positions); make these options smaller"
         )
 
@@ -642,8 +642,10 @@ def run_online_batch(
     prefix = [] if tokenizer is None else window_prefix(tokenizer)
     _check_windows(model, config, max(document.numel() for document in documents), prefix)
     fingerprints = [_fingerprint(document) for document in documents]
-    # A few weights of every layer: a resumed run must have the same model (none/long run on any causal LM).
-    weights = weight_signature(model) if model.config.model_type in supported_model_types() else None
+    # A few weights of every layer, saved with the state: a resumed run must have the same model (none/long run
+    # on any causal LM, whose weights are not read).
+    saving = state_path is not None and model.config.model_type in supported_model_types()
+    weights = weight_signature(model) if saving else None
     results = [OnlineResult(config=config) for _ in documents]
     state_path = None if state_path is None else Path(state_path)
 
