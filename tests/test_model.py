@@ -6,7 +6,7 @@ from conftest import GATED_FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, OPTConfig, OPTForCausalLM
 
 import locas
-from locas.model import LocasModel, output_scales, spread_positions
+from locas.model import LocasModel, output_scales, spread_positions, target_nll
 
 
 def with_random_values(model, width=6, batch_size=1, seed=0, scale=1.0):
@@ -455,3 +455,26 @@ def test_a_diverged_memory_is_not_merged(tokens):
         locas_model.memory.down[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="this memory's down holds NaN or inf .* it cannot be merged"):
         locas_model.to_dense()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_nll_equals_cross_entropy_in_value_and_gradient(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 40, generator=generator) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 40, (2, 5), generator=generator)
+    weights = torch.rand(2, 5, generator=generator)  # a gradient that differs per token
+    expected = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), logits)
+    nll = target_nll(logits, targets)
+    (gradient,) = torch.autograd.grad((nll * weights).sum(), logits)
+    assert nll.dtype == torch.float32 and gradient.dtype == dtype
+    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gradient, expected_gradient)
+
+
+def test_target_nll_refuses_a_second_backward_through_the_probabilities_it_overwrote():
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = target_nll(logits, torch.randint(0, 10, (4,))).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

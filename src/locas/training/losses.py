@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from locas.model import target_nll
+
 
 @dataclass
 class LossInputs:
@@ -40,10 +42,7 @@ class LossInputs:
         wants_grad = torch.is_grad_enabled() and self.student_logits.requires_grad
         if cached is None or (wants_grad and not cached.requires_grad):
             self._token_nll = torch.stack(
-                [
-                    F.cross_entropy(row.float(), target, reduction="none")
-                    for row, target in zip(_rows(self.student_logits), self.targets, strict=True)
-                ]
+                [target_nll(row, target) for row, target in zip(_rows(self.student_logits), self.targets, strict=True)]
             )
         return self._token_nll
 
