@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import locas
 from locas.training import grpo
 from locas.training.config import GRPO_LOSSES, GrpoSettings, OnlineConfig, same_settings
-from locas.training.losses import LossInputs, mix, ntp, sd
+from locas.training.losses import LossInputs, distillation_kl, mix, ntp, sd
 from locas.training.offline import train_on_windows
 from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
@@ -832,3 +832,21 @@ def test_training_through_a_float16_backbone_warns_and_bfloat16_does_not():
         warnings.simplefilter("error")
         run_online(tiny_model("llama").bfloat16(), stream(32), config, progress=False)
         run_online(tiny_model("llama").half(), stream(32), dataclasses.replace(config, method="none"), progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distillation_kl_equals_kl_div_of_the_log_softmaxes_in_value_and_gradient(dtype):
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 5, 40, generator=generator) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(2, 5, 40, generator=generator) * 3).to(dtype)
+    weights = torch.rand(2, 5, generator=generator)
+    expected = F.kl_div(
+        F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True, reduction="none"
+    ).sum(-1)
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), student)
+    kl = distillation_kl(student, teacher)
+    (gradient,) = torch.autograd.grad((kl * weights).sum(), student)
+    assert kl.dtype == torch.float32 and gradient.dtype == dtype
+    torch.testing.assert_close(kl, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gradient, expected_gradient)
+    assert distillation_kl(teacher, teacher).abs().max() < 1e-6
