@@ -72,6 +72,20 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "model": model, "tokenizer": tokenizer, "logits": logits, "seconds": seconds}
 
 
+def assert_same_values_and_gradients(function, reference, logits: torch.Tensor, *others: torch.Tensor) -> None:
+    """`function(logits, *others)` equals `reference(logits, *others)` per token, in float32, and so does its
+    gradient to `logits` (kept in their dtype) under a different weight per token."""
+    weights = torch.rand(logits.shape[:-1], generator=torch.Generator().manual_seed(1))
+    values, gradients = [], []
+    for f in (function, reference):
+        value = f(logits, *others)
+        values.append(value)
+        gradients.append(torch.autograd.grad((value * weights).sum(), logits)[0])
+    assert values[0].dtype == torch.float32 and gradients[0].dtype == logits.dtype
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
 def shared_data(*parts: str) -> Path:
     """A file from ../shared/data beside the checkout (tests read it there, never from a copy)."""
     path = Path(__file__).resolve().parents[2].joinpath("shared", "data", *parts)
