@@ -1,3 +1,5 @@
+import copy
+import io
 import json
 import re
 import warnings
@@ -319,3 +321,33 @@ def test_memorize_takes_only_the_chosen_rows_off_the_device(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *a, **k: copied.append(tensor.numel()) or original(tensor))
     model.memorize(torch.randint(0, 128, (1, 16)), keep_top=4)
     assert max(copied, default=0) < model.model.config.intermediate_size * model.model.config.hidden_size
+
+
+def test_a_training_forward_reads_each_layer_from_its_current_values_and_the_memory_still_copies():
+    """Under grad, the layers' views are cached between forwards: an in-place update and new data must reach
+    the next forward, and the gradients must be those of plain indexing."""
+    memory, activation = random_memory(layers=3, batch=2), torch.nn.SiLU()
+    x = torch.randn(2, 4, 8)
+
+    def total_output(memory):
+        return sum(memory.layer_output(layer, x, activation).square().sum() for layer in range(memory.num_layers))
+
+    def fresh_copy():  # a memory of the same values that has run no forward yet
+        return Memory(**{n: t.detach().clone() for n, t in memory.slot_tensors().items()}, tau=memory.tau.clone())
+
+    for change in (None, lambda: memory.down.data.mul_(2), lambda: setattr(memory.up, "data", memory.up.data + 1)):
+        if change is not None:
+            with torch.no_grad():
+                change()
+        reference = fresh_copy()
+        with torch.no_grad():
+            expected = total_output(reference)
+        expected_grads = torch.autograd.grad(total_output(reference), list(reference.slot_tensors().values()))
+        grads = torch.autograd.grad(total_output(memory), list(memory.slot_tensors().values()))
+        torch.testing.assert_close(total_output(memory).detach(), expected)
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected_grad)
+    copied = copy.deepcopy(memory)
+    buffer = io.BytesIO()
+    torch.save(memory, buffer)
+    torch.testing.assert_close(copied.up, memory.up)
