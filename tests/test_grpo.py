@@ -146,6 +146,16 @@ def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone():
     assert not torch.equal(run(seed=6)[1], first_down)
 
 
+def test_completion_log_probs_are_the_tempered_log_softmax_at_the_completion_tokens():
+    locas_model = memory_model()
+    ids = torch.tensor([[5, 9, 3, 7, 8, 9]])
+    with torch.no_grad():
+        log_probs = _completion_log_probs(locas_model, ids, torch.ones_like(ids), 3, temperature=0.7)
+        logits = locas_model(input_ids=ids).logits[:, -4:-1]
+    expected = torch.log_softmax(logits.float() / 0.7, dim=-1).gather(-1, ids[:, -3:, None]).squeeze(-1)
+    torch.testing.assert_close(log_probs, expected)
+
+
 def test_left_padded_prompts_get_the_log_probs_they_get_alone():
     locas_model = memory_model()
     with torch.no_grad():

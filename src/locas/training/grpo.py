@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from locas.data import window_prefix
 from locas.evaluation.token_f1 import token_f1
-from locas.model import NO_MEMORY, LocasModel
+from locas.model import NO_MEMORY, LocasModel, target_nll
 from locas.training.config import GrpoSettings
 
 # reward_fn(completion_ids, answer) -> reward: the sampled tokens before the first EOS (1-D, on the CPU)
@@ -142,8 +141,7 @@ def _completion_log_probs(
         use_cache=False,
         logits_to_keep=completion_length + 1,
     ).logits[:, :-1]
-    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
-    return log_probs.gather(-1, input_ids[:, -completion_length:].unsqueeze(-1)).squeeze(-1)
+    return -target_nll(logits.float() / temperature, input_ids[:, -completion_length:])
 
 
 @dataclass
