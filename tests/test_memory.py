@@ -335,7 +335,17 @@ def test_a_training_forward_reads_each_layer_from_its_current_values_and_the_mem
     def fresh_copy():  # a memory of the same values that has run no forward yet
         return Memory(**{n: t.detach().clone() for n, t in memory.slot_tensors().items()}, tau=memory.tau.clone())
 
-    for change in (None, lambda: memory.down.data.mul_(2), lambda: setattr(memory.up, "data", memory.up.data + 1)):
+    def narrow():
+        for tensor in (memory.up, memory.gate, memory.down, memory.tau):
+            tensor.data = tensor.data[:, :, :3]
+
+    changes = (
+        None,
+        lambda: memory.down.data.mul_(2),  # in place: a new version
+        lambda: setattr(memory.up, "data", memory.up.data + 1),  # new data
+        narrow,  # views of the same data, fewer slots
+    )
+    for change in changes:
         if change is not None:
             with torch.no_grad():
                 change()
@@ -351,3 +361,36 @@ def test_a_training_forward_reads_each_layer_from_its_current_values_and_the_mem
     buffer = io.BytesIO()
     torch.save(memory, buffer)
     torch.testing.assert_close(copied.up, memory.up)
+
+
+class _SummedOutput(torch.nn.Module):
+    """A memory's summed output over its layers, as a module (for torch.func.functional_call)."""
+
+    def __init__(self, memory: Memory) -> None:
+        super().__init__()
+        self.memory = memory
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = range(self.memory.num_layers)
+        return sum(self.memory.layer_output(layer, x, torch.nn.SiLU()).square().sum() for layer in layers)
+
+
+def test_the_layer_views_are_not_kept_from_inference_mode_nor_across_moves_and_torch_func_still_works():
+    summed, x = _SummedOutput(random_memory(layers=2)), torch.randn(1, 4, 8)
+    memory = summed.memory
+    with torch.inference_mode(), torch.enable_grad():
+        summed(x)
+    summed(x).backward()  # views made in inference mode would carry no gradient here
+    assert memory.down.grad is not None and memory.down.grad.abs().sum() > 0
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        memory.double()  # a swap is refused while other tensors (kept views) still hold the old ones
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert memory.up.dtype == torch.float64 and not memory._unbound
+    parameters = {name: tensor.detach() for name, tensor in summed.named_parameters()}
+    gradients = torch.func.grad(lambda p: torch.func.functional_call(summed, p, (x.double(),)))(parameters)
+    expected = torch.autograd.grad(summed(x.double()), [memory.up, memory.gate, memory.down])
+    for name, expected_gradient in zip(("up", "gate", "down"), expected, strict=True):
+        torch.testing.assert_close(gradients[f"memory.{name}"], expected_gradient)

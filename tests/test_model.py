@@ -469,12 +469,17 @@ def test_target_nll_equals_cross_entropy_in_value_and_gradient(dtype):
     assert_same_values_and_gradients(target_nll, cross_entropy, logits, targets)
 
 
-def test_target_nll_refuses_a_second_backward_through_the_probabilities_it_overwrote():
+def test_target_nll_refuses_a_second_backward_and_a_second_derivative():
     logits = torch.randn(4, 10, requires_grad=True)
     loss = target_nll(logits, torch.randint(0, 10, (4,))).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    (gradient,) = torch.autograd.grad(
+        target_nll(logits, torch.zeros(4, dtype=torch.long)).square().sum(), logits, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # no silent second derivative
+        gradient.sum().backward()
 
 
 def test_token_nll_over_a_large_vocabulary_agrees_with_float64():

@@ -100,7 +100,7 @@ class Memory(nn.Module):
         self.down = nn.Parameter(down.to(device, torch.float32))
         self.register_buffer("tau", tau.to(device, torch.float32).contiguous())
         self.metadata = dict(metadata or {})
-        self._unbound: dict[int, tuple] = {}  # see _layers_of
+        self._unbound: dict[str, tuple] = {}  # see _layers_of
 
     # --- shape -------------------------------------------------------------------------------
 
@@ -139,7 +139,8 @@ class Memory(nn.Module):
 
     def _layer_tensors(self, layer: int, batch: int, rows: torch.Tensor | None) -> tuple:
         """(up, gate, down, tau) of layer `layer` for a batch of `batch` sequences (`rows`: see layer_output)."""
-        tensors = (None if t is None else self._layers_of(t)[layer] for t in (self.up, self.gate, self.down, self.tau))
+        tensors = (self._layers_of(name) for name in ("up", "gate", "down", "tau"))
+        tensors = (None if t is None else t[layer] for t in tensors)
         if rows is not None:  # indexing keeps the graph: gradients reach only the picked memories
             tensors = (None if t is None else t[rows] for t in tensors)
         up, gate, down, tau = tensors
@@ -153,17 +154,36 @@ class Memory(nn.Module):
             )
         return up, gate, down, tau
 
-    def _layers_of(self, tensor: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """`tensor`, or while its gradient is recorded eagerly its per-layer views from one `unbind`, made again
-        only when the tensor changes (an optimizer step): indexing it once per layer instead adds a backward per
-        layer that fills a zero gradient of the whole tensor (measured: 2% of a CPU training step)."""
-        if not (torch.is_grad_enabled() and tensor.requires_grad) or torch.compiler.is_compiling():
+    def _layers_of(self, name: str) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        """Tensor `name`, or while an eager forward records its gradient its per-layer views from one `unbind`, made
+        again only when the tensor changes (an optimizer step, new data, a move): indexing it once per layer instead
+        adds a backward per layer that fills a zero gradient of the whole tensor (measured: 3.6% of a CPU step)."""
+        tensor = getattr(self, name)
+        if torch.compiler.is_compiling() or tensor is None:  # compiled: first, so that dynamo traces none of this
             return tensor
-        key = (tensor._version, tensor.data_ptr())  # an in-place update, or new data (`.data =`, a move)
-        cached = self._unbound.get(id(tensor))
+        if (
+            not (torch.is_grad_enabled() and tensor.requires_grad and tensor.is_leaf)
+            or torch.is_inference_mode_enabled()
+        ):
+            return tensor
+        try:
+            key = (tensor._version, tensor.data_ptr(), tensor.shape, tensor.stride())
+        except RuntimeError:  # a tensor without storage (torch.func's wrappers): no views to keep
+            return tensor
+        cached = self._unbound.get(name)
         if cached is None or cached[0] is not tensor or cached[1] != key:
-            cached = self._unbound[id(tensor)] = (tensor, key, tensor.unbind(0))
+            del cached  # first, with its graph: that would keep the tensor's old shape for its gradient
+            self._unbound.pop(name, None)
+            cached = self._unbound[name] = (tensor, key, tensor.unbind(0))
         return cached[2]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._unbound.clear()  # views of the tensors being replaced would keep them alive, or block a swap
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._unbound.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_unbound": {}}  # views with autograd history can be neither pickled nor copied

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from locas.config import TAU_RULES
@@ -152,6 +153,7 @@ class _TargetNLL(torch.autograd.Function):
         return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_nll: torch.Tensor) -> tuple[torch.Tensor, None]:
         log_probs, targets = ctx.saved_tensors
         # d nll / d logits = softmax - one_hot(target), written over the saved log-probabilities (a second

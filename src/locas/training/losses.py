@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from locas.model import target_nll
 
@@ -91,6 +92,7 @@ class _DistillationKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None]:
         student_log_probs, teacher_probs = ctx.saved_tensors
         # d kl / d student logits = p_s - p_t, written over the saved student log-probabilities.
