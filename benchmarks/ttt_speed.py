@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from locas.allocator import keep_freed_memory_on_request
+from locas.allocator import keep_freed_memory_unless_disabled
 from locas.evaluation.pg19 import save_figure, write_json
 from locas.initialization import memorize
 from locas.merge import to_dense
@@ -310,7 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.breakdown and args.compile != "off":
         parser.error("--breakdown profiles the eager ops; drop --compile or --breakdown")
     device = torch.device(args.device)
-    kept = device.type == "cpu" and keep_freed_memory_on_request()  # as the locas command does on a CPU
+    try:
+        kept = device.type == "cpu" and keep_freed_memory_unless_disabled()  # as the locas command does on a CPU
+    except ValueError as error:
+        parser.error(str(error))
     model = build_model(args.model, getattr(torch, args.dtype), args.device)
     results = {
         "model": args.model,

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from locas.allocator import keep_freed_memory_unless_disabled
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
 # In a fresh process: how much resident memory freeing a filled 64 MiB tensor gives back to the system, by
@@ -12,7 +14,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 MEASURE = """
 import json, os, torch
 import sys
-from locas.allocator import keep_freed_memory, keep_freed_memory_on_request
+from locas.allocator import keep_freed_memory, keep_freed_memory_unless_disabled
 
 def given_back():
     with open("/proc/self/statm") as statm:
@@ -23,7 +25,7 @@ def given_back():
         return (resident - int(statm.read().split()[1])) * os.sysconf("SC_PAGE_SIZE")
 
 default = [given_back(), given_back()][-1]
-kept = keep_freed_memory_on_request() if sys.argv[1:] == ["on-request"] else keep_freed_memory()
+kept = keep_freed_memory_unless_disabled() if sys.argv[1:] == ["unless-disabled"] else keep_freed_memory()
 print(json.dumps({"default": default, "kept": kept, "after": [given_back(), given_back()][-1]}))
 """
 
@@ -41,9 +43,17 @@ def test_freed_memory_stays_in_the_process():
     assert measured["after"] < 2**20, measured  # kept: nothing goes back, so nothing faults in again
 
 
-def test_it_is_done_only_on_request():
+def test_it_is_done_unless_disabled():
     environment = {name: value for name, value in os.environ.items() if name != "LOCAS_KEEP_FREED_MEMORY"}
-    measured = measure("on-request", environment=environment)
-    assert measured["kept"] is False and measured["after"] >= 60 * 2**20, measured
-    measured = measure("on-request", environment={**environment, "LOCAS_KEEP_FREED_MEMORY": "1"})
-    assert measured["kept"] is True and measured["after"] < 2**20, measured
+    for setting, kept in ((None, True), ("1", True), ("0", False)):
+        given = environment if setting is None else {**environment, "LOCAS_KEEP_FREED_MEMORY": setting}
+        measured = measure("unless-disabled", environment=given)
+        assert measured["kept"] is kept, (setting, measured)
+        assert (measured["after"] < 2**20) if kept else (measured["after"] >= 60 * 2**20), (setting, measured)
+
+
+@pytest.mark.parametrize("setting", ["yes", "", "2"])
+def test_a_setting_other_than_0_or_1_is_refused(monkeypatch, setting):
+    monkeypatch.setenv("LOCAS_KEEP_FREED_MEMORY", setting)
+    with pytest.raises(ValueError, match=f"LOCAS_KEEP_FREED_MEMORY={setting!r}: set it to 1 .* or 0"):
+        keep_freed_memory_unless_disabled()

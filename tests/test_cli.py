@@ -556,6 +556,13 @@ def test_hub_id_that_cannot_be_found_offline(files: dict, capsys) -> None:
     error_line(err, "nll", "'locas-test/no-such-model'", "nor in the Hugging Face cache", "pass a local path")
 
 
+def test_a_bad_keep_freed_memory_setting_is_one_error_line(files: dict, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("LOCAS_KEEP_FREED_MEMORY", "yes")
+    code, out, err = run(capsys, "nll", files["text"], "--model", files["base"], "--device", "cpu")
+    assert code == 2 and out == ""
+    error_line(err, "nll", "LOCAS_KEEP_FREED_MEMORY='yes'", "set it to 1", "or 0")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(files: dict, capsys) -> None:
     code, _, err = run(capsys, "nll", files["text"], "--model", files["base"], "--device", "cuda")

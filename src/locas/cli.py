@@ -1273,11 +1273,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args) -> None:
-    from locas.allocator import keep_freed_memory_on_request
+    from locas.allocator import keep_freed_memory_unless_disabled
 
     device = _checked_device(args)
     if device is None or device.type == "cpu":
-        keep_freed_memory_on_request()  # opt-in: a CPU step then reuses its freed activations (locas.allocator)
+        keep_freed_memory_unless_disabled()  # a CPU forward or step then reuses freed memory (locas.allocator)
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(
             f"locas {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
