@@ -11,9 +11,10 @@ from conftest import assert_same_values_and_gradients, tiny_model
 from transformers import AutoModelForCausalLM
 
 import locas
+from locas.model import target_nll
 from locas.training import grpo
 from locas.training.config import GRPO_LOSSES, GrpoSettings, OnlineConfig, same_settings
-from locas.training.losses import LossInputs, distillation_kl, mix, ntp, sd
+from locas.training.losses import LOSSES, LossInputs, distillation_kl, mix, nll_and_distillation_kl, ntp, sd
 from locas.training.offline import train_on_windows
 from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
@@ -846,3 +847,77 @@ def test_distillation_kl_equals_kl_div_of_the_log_softmaxes_in_value_and_gradien
 
     assert_same_values_and_gradients(distillation_kl, kl_div, student, teacher)
     assert distillation_kl(teacher, teacher).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nll_and_distillation_kl_equal_the_two_functions_in_value_and_gradient(dtype):
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(6, 40, generator=generator) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(6, 40, generator=generator) * 3).to(dtype)
+    targets = torch.randint(0, 40, (6,), generator=generator)
+    nll_weights, kl_weights = torch.rand(2, 6, generator=generator)
+    nll, kl = nll_and_distillation_kl(student, targets, teacher)
+    (gradient,) = torch.autograd.grad((nll * nll_weights + kl * kl_weights).sum(), student)
+    separate_nll, separate_kl = target_nll(student, targets), distillation_kl(student, teacher)
+    # In float32, so that a bfloat16 reference is not rounded twice (each term's gradient, then their sum).
+    student32 = student.detach().float().requires_grad_()
+    (separate_gradient,) = torch.autograd.grad(
+        (target_nll(student32, targets) * nll_weights + distillation_kl(student32, teacher) * kl_weights).sum(),
+        student32,
+    )
+    separate_gradient = separate_gradient.to(dtype)
+    assert nll.dtype == kl.dtype == torch.float32 and gradient.dtype == dtype
+    assert torch.equal(nll, separate_nll) and torch.equal(kl, separate_kl)  # the same ops, in the same order
+    torch.testing.assert_close(gradient, separate_gradient)
+    (nll_only,) = torch.autograd.grad(nll_and_distillation_kl(student, targets, teacher)[0].sum(), student)
+    torch.testing.assert_close(nll_only, torch.autograd.grad(target_nll(student, targets).sum(), student)[0])
+    loss = sum(nll_and_distillation_kl(student, targets, teacher)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_mix_keeps_two_logits_sized_buffers_for_its_backward_and_the_score_reuses_its_nll():
+    student = torch.randn(1, 5, 50, requires_grad=True)
+    teacher = torch.randn(1, 5, 50)
+    targets = torch.randint(0, 50, (1, 5))
+
+    def logits_sized_buffers_kept(compute):
+        kept = set()
+
+        def keep(tensor):
+            if tensor.shape[-1] == 50 and tensor.dtype == torch.float32 and tensor.data_ptr() != student.data_ptr():
+                kept.add(tensor.data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            value = compute()
+        return value, len(kept)
+
+    def mix_and_score():
+        inputs = LossInputs(student, targets, teacher=lambda: teacher)
+        return mix(inputs), inputs.token_nll()
+
+    def apart():
+        inputs = LossInputs(student, targets, teacher=lambda: teacher)
+        return 0.5 * ntp(inputs) + 0.5 * sd(inputs), inputs.token_nll()
+
+    (loss, score), kept = logits_sized_buffers_kept(mix_and_score)
+    (loss_apart, score_apart), kept_apart = logits_sized_buffers_kept(apart)
+    assert (kept, kept_apart) == (2, 3)  # the student's log-probabilities once, and the teacher's probabilities
+    torch.testing.assert_close(loss, loss_apart)
+    assert torch.equal(score, score_apart)
+
+
+def test_a_mix_run_equals_one_with_the_nll_and_kl_computed_apart(monkeypatch, one_thread):
+    config = OnlineConfig(**SMALL, method="locas", lr=2e-2, loss="mix", mix_alpha=0.3, teacher_window=32)
+    model, document = tiny_model("qwen3"), stream(100, seed=4)
+    fused = run_online(model, document, config, progress=False)
+    alpha = config.mix_alpha
+    monkeypatch.setitem(LOSSES, "mix", lambda inputs: alpha * ntp(inputs) + (1 - alpha) * sd(inputs))
+    apart = run_online(model, document, config, progress=False)
+    assert scores(fused) == pytest.approx(scores(apart), rel=1e-5)
+    assert [r.loss for r in fused.records] == pytest.approx([r.loss for r in apart.records], rel=1e-5)
+    for name, tensor in apart.memory.slot_tensors().items():
+        torch.testing.assert_close(fused.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
+    assert apart.memory.down.abs().max() > 1e-3  # the memory trained: values start at zero

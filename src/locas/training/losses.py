@@ -46,6 +46,14 @@ class LossInputs:
             )
         return self._token_nll
 
+    def token_nll_and_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`token_nll()`, KL(teacher || student) per target token), (batch, n) each in float32, from one
+        log-softmax of the student's logits (`nll_and_distillation_kl`); the NLL becomes `token_nll()`'s."""
+        rows = zip(_rows(self.student_logits), self.targets, _rows(self.teacher_logits()), strict=True)
+        pairs = [nll_and_distillation_kl(student, target, teacher) for student, target, teacher in rows]
+        self._token_nll = torch.stack([nll for nll, _ in pairs])
+        return self._token_nll, torch.stack([kl for _, kl in pairs])
+
     def row_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of (batch, n) `values` over each row's counted targets, (batch,)."""
         return values.sum(dim=1) if self.mask is None else (values * self.mask).sum(dim=1)
@@ -100,10 +108,43 @@ class _DistillationKL(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None
 
 
+def nll_and_distillation_kl(
+    student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`target_nll(student_logits, targets)`, `distillation_kl(student_logits, teacher_logits)`) from one
+    log-softmax of the student's logits: two logits-sized float32 buffers kept for the backward instead of three,
+    and one gradient written for both terms instead of two that autograd then adds."""
+    return _NLLAndDistillationKL.apply(student_logits, targets, teacher_logits)
+
+
+class _NLLAndDistillationKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor):
+        student_log_probs = torch.log_softmax(student_logits, dim=-1, dtype=torch.float32)
+        nll = -student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scratch = torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32)
+        teacher_probs = scratch.exp()
+        kl = scratch.sub_(student_log_probs).mul_(teacher_probs).sum(-1)
+        ctx.save_for_backward(student_log_probs, targets, teacher_probs)
+        ctx.logits_dtype = student_logits.dtype
+        return nll, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_nll: torch.Tensor, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        student_log_probs, targets, teacher_probs = ctx.saved_tensors
+        # g_nll (p_s - one_hot(target)) + g_kl (p_s - p_t), written over the saved buffers.
+        grad = student_log_probs.exp_().mul_((grad_nll + grad_kl).unsqueeze(-1))
+        grad.sub_(teacher_probs.mul_(grad_kl.unsqueeze(-1)))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), -grad_nll.unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None
+
+
 def mix(inputs: LossInputs) -> torch.Tensor:
-    """`mix_alpha` * NTP + (1 - `mix_alpha`) * SD."""
+    """`mix_alpha` * NTP + (1 - `mix_alpha`) * SD, from one log-softmax of the student's logits."""
     alpha = inputs.options.get("mix_alpha", 0.5)
-    return alpha * ntp(inputs) + (1 - alpha) * sd(inputs)
+    nll, kl = inputs.token_nll_and_kl()
+    return alpha * inputs.row_mean(nll) + (1 - alpha) * inputs.row_mean(kl)
 
 
 def _rows(logits: torch.Tensor) -> list[torch.Tensor]:
