@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--breakdown profiles the eager ops; drop --compile or --breakdown")
     device = torch.device(args.device)
     try:
-        kept = device.type == "cpu" and keep_freed_memory_unless_disabled()  # as the locas command does on a CPU
+        kept = keep_freed_memory_unless_disabled(on_cpu=device.type == "cpu")  # as the locas command does
     except ValueError as error:
         parser.error(str(error))
     model = build_model(args.model, getattr(torch, args.dtype), args.device)

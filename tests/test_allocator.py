@@ -25,7 +25,10 @@ def given_back():
         return (resident - int(statm.read().split()[1])) * os.sysconf("SC_PAGE_SIZE")
 
 default = [given_back(), given_back()][-1]
-kept = keep_freed_memory_unless_disabled() if sys.argv[1:] == ["unless-disabled"] else keep_freed_memory()
+if sys.argv[1:]:  # "unless-disabled", on a CPU or not
+    kept = keep_freed_memory_unless_disabled(on_cpu=sys.argv[2] == "cpu")
+else:
+    kept = keep_freed_memory()
 print(json.dumps({"default": default, "kept": kept, "after": [given_back(), given_back()][-1]}))
 """
 
@@ -45,9 +48,10 @@ def test_freed_memory_stays_in_the_process():
 
 def test_it_is_done_unless_disabled():
     environment = {name: value for name, value in os.environ.items() if name != "LOCAS_KEEP_FREED_MEMORY"}
-    for setting, kept in ((None, True), ("1", True), ("0", False)):
+    cases = ((None, "cpu", True), ("1", "cpu", True), ("0", "cpu", False), (None, "cuda", False))
+    for setting, device, kept in cases:
         given = environment if setting is None else {**environment, "LOCAS_KEEP_FREED_MEMORY": setting}
-        measured = measure("unless-disabled", environment=given)
+        measured = measure("unless-disabled", device, environment=given)
         assert measured["kept"] is kept, (setting, measured)
         assert (measured["after"] < 2**20) if kept else (measured["after"] >= 60 * 2**20), (setting, measured)
 
@@ -55,5 +59,6 @@ def test_it_is_done_unless_disabled():
 @pytest.mark.parametrize("setting", ["yes", "", "2"])
 def test_a_setting_other_than_0_or_1_is_refused(monkeypatch, setting):
     monkeypatch.setenv("LOCAS_KEEP_FREED_MEMORY", setting)
-    with pytest.raises(ValueError, match=f"LOCAS_KEEP_FREED_MEMORY={setting!r}: set it to 1 .* or 0"):
-        keep_freed_memory_unless_disabled()
+    for on_cpu in (True, False):  # refused on a GPU too, where it would change nothing
+        with pytest.raises(ValueError, match=f"LOCAS_KEEP_FREED_MEMORY={setting!r}: set it to 1 .* or 0"):
+            keep_freed_memory_unless_disabled(on_cpu=on_cpu)

@@ -909,15 +909,22 @@ def test_mix_keeps_two_logits_sized_buffers_for_its_backward_and_the_score_reuse
     assert torch.equal(score, score_apart)
 
 
-def test_a_mix_run_equals_one_with_the_nll_and_kl_computed_apart(monkeypatch, one_thread):
+def test_mix_runs_equal_ones_with_the_nll_and_kl_computed_apart(monkeypatch, one_thread):
+    """Alone and in a batch of uneven documents (padded, masked targets: each token its own weight)."""
     config = OnlineConfig(**SMALL, method="locas", lr=2e-2, loss="mix", mix_alpha=0.3, teacher_window=32)
-    model, document = tiny_model("qwen3"), stream(100, seed=4)
-    fused = run_online(model, document, config, progress=False)
+    model, documents = tiny_model("qwen3"), [stream(100, seed=4), stream(70, seed=5)]
+
+    def runs():
+        return [run_online(model, documents[0], config, progress=False)] + run_online_batch(
+            model, documents, config, progress=False
+        )
+
+    fused = runs()
     alpha = config.mix_alpha
     monkeypatch.setitem(LOSSES, "mix", lambda inputs: alpha * ntp(inputs) + (1 - alpha) * sd(inputs))
-    apart = run_online(model, document, config, progress=False)
-    assert scores(fused) == pytest.approx(scores(apart), rel=1e-5)
-    assert [r.loss for r in fused.records] == pytest.approx([r.loss for r in apart.records], rel=1e-5)
-    for name, tensor in apart.memory.slot_tensors().items():
-        torch.testing.assert_close(fused.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
-    assert apart.memory.down.abs().max() > 1e-3  # the memory trained: values start at zero
+    for fused_run, apart in zip(fused, runs(), strict=True):
+        assert scores(fused_run) == pytest.approx(scores(apart), rel=1e-5)
+        assert [r.loss for r in fused_run.records] == pytest.approx([r.loss for r in apart.records], rel=1e-5)
+        for name, tensor in apart.memory.slot_tensors().items():
+            torch.testing.assert_close(fused_run.memory.slot_tensors()[name], tensor, rtol=1e-4, atol=1e-6)
+        assert apart.memory.down.abs().max() > 1e-3  # the memory trained: values start at zero

@@ -1276,8 +1276,7 @@ def _run_command(args) -> None:
     from locas.allocator import keep_freed_memory_unless_disabled
 
     device = _checked_device(args)
-    if device is None or device.type == "cpu":
-        keep_freed_memory_unless_disabled()  # a CPU forward or step then reuses freed memory (locas.allocator)
+    keep_freed_memory_unless_disabled(on_cpu=device is None or device.type == "cpu")  # (locas.allocator)
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.showwarning = lambda message, *_, **__: print(
             f"locas {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr
