@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_fixtures import TEXT, save_tiny_model, tiny_tokenizer
-from conftest import assert_same_values_and_gradients, tiny_model
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import locas
 from locas.model import target_nll
 from locas.training import grpo
 from locas.training.config import GRPO_LOSSES, GrpoSettings, OnlineConfig, same_settings
-from locas.training.losses import LOSSES, LossInputs, distillation_kl, mix, nll_and_distillation_kl, ntp, sd
+from locas.training.losses import LOSSES, LossInputs, mix, nll_and_distillation_kl, ntp, sd
 from locas.training.offline import train_on_windows
 from locas.training.online import ChunkRecord, chunk_spans, run_online, run_online_batch
 
@@ -836,53 +836,55 @@ def test_training_through_a_float16_backbone_warns_and_bfloat16_does_not():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_distillation_kl_equals_kl_div_of_the_log_softmaxes_in_value_and_gradient(dtype):
-    generator = torch.Generator().manual_seed(0)
-    student = (torch.randn(2, 5, 40, generator=generator) * 3).to(dtype).requires_grad_()
-    teacher = (torch.randn(2, 5, 40, generator=generator) * 3).to(dtype)
-
-    def kl_div(student, teacher):
-        log_student, log_teacher = F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1)
-        return F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
-
-    assert_same_values_and_gradients(distillation_kl, kl_div, student, teacher)
-    assert distillation_kl(teacher, teacher).abs().max() < 1e-6
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nll_and_distillation_kl_equal_the_two_functions_in_value_and_gradient(dtype):
+def test_nll_and_distillation_kl_equal_cross_entropy_and_kl_div_in_value_and_gradient(dtype):
     generator = torch.Generator().manual_seed(0)
     student = (torch.randn(6, 40, generator=generator) * 3).to(dtype).requires_grad_()
     teacher = (torch.randn(6, 40, generator=generator) * 3).to(dtype)
     targets = torch.randint(0, 40, (6,), generator=generator)
-    nll_weights, kl_weights = torch.rand(2, 6, generator=generator)
-    nll, kl = nll_and_distillation_kl(student, targets, teacher)
-    (gradient,) = torch.autograd.grad((nll * nll_weights + kl * kl_weights).sum(), student)
-    separate_nll, separate_kl = target_nll(student, targets), distillation_kl(student, teacher)
+
+    def references(student):
+        log_teacher = F.log_softmax(teacher.float(), -1)
+        kl = F.kl_div(F.log_softmax(student.float(), -1), log_teacher, log_target=True, reduction="none").sum(-1)
+        return F.cross_entropy(student.float(), targets, reduction="none"), kl
+
     # In float32, so that a bfloat16 reference is not rounded twice (each term's gradient, then their sum).
     student32 = student.detach().float().requires_grad_()
-    (separate_gradient,) = torch.autograd.grad(
-        (target_nll(student32, targets) * nll_weights + distillation_kl(student32, teacher) * kl_weights).sum(),
-        student32,
-    )
-    separate_gradient = separate_gradient.to(dtype)
-    assert nll.dtype == kl.dtype == torch.float32 and gradient.dtype == dtype
-    assert torch.equal(nll, separate_nll) and torch.equal(kl, separate_kl)  # the same ops, in the same order
-    torch.testing.assert_close(gradient, separate_gradient)
+    for nll_weights, kl_weights in [torch.rand(2, 6, generator=generator), (torch.zeros(6), torch.rand(6))]:
+        nll, kl = nll_and_distillation_kl(student, targets, teacher)
+        (gradient,) = torch.autograd.grad((nll * nll_weights + kl * kl_weights).sum(), student)
+        reference_nll, reference_kl = references(student32)
+        (reference_gradient,) = torch.autograd.grad(
+            (reference_nll * nll_weights + reference_kl * kl_weights).sum(), student32
+        )
+        assert nll.dtype == kl.dtype == torch.float32 and gradient.dtype == dtype
+        torch.testing.assert_close(nll, reference_nll, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kl, reference_kl, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gradient, reference_gradient.to(dtype))
+    assert torch.equal(nll, target_nll(student, targets))  # NTP's score and SD/MIX's are the same numbers
     (nll_only,) = torch.autograd.grad(nll_and_distillation_kl(student, targets, teacher)[0].sum(), student)
     torch.testing.assert_close(nll_only, torch.autograd.grad(target_nll(student, targets).sum(), student)[0])
+    assert nll_and_distillation_kl(teacher, targets, teacher)[1].abs().max() < 1e-6
+
+
+def test_nll_and_distillation_kl_refuse_a_second_backward_and_a_second_derivative():
+    student, teacher, targets = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10), torch.zeros(4).long()
     loss = sum(nll_and_distillation_kl(student, targets, teacher)).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    (gradient,) = torch.autograd.grad(
+        nll_and_distillation_kl(student, targets, teacher)[1].square().sum(), student, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # no silent second derivative
+        gradient.sum().backward()
 
 
-def test_mix_keeps_two_logits_sized_buffers_for_its_backward_and_the_score_reuses_its_nll():
+def test_sd_and_mix_keep_two_logits_sized_buffers_and_the_score_reuses_their_nll(monkeypatch):
     student = torch.randn(1, 5, 50, requires_grad=True)
     teacher = torch.randn(1, 5, 50)
     targets = torch.randint(0, 50, (1, 5))
 
-    def logits_sized_buffers_kept(compute):
+    def logits_sized_buffers_kept(loss):
         kept = set()
 
         def keep(tensor):
@@ -890,23 +892,20 @@ def test_mix_keeps_two_logits_sized_buffers_for_its_backward_and_the_score_reuse
                 kept.add(tensor.data_ptr())
             return tensor
 
+        inputs = LossInputs(student, targets, teacher=lambda: teacher)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            value = compute()
-        return value, len(kept)
+            value = loss(inputs)
+        return value, inputs, len(kept)
 
-    def mix_and_score():
-        inputs = LossInputs(student, targets, teacher=lambda: teacher)
-        return mix(inputs), inputs.token_nll()
-
-    def apart():
-        inputs = LossInputs(student, targets, teacher=lambda: teacher)
-        return 0.5 * ntp(inputs) + 0.5 * sd(inputs), inputs.token_nll()
-
-    (loss, score), kept = logits_sized_buffers_kept(mix_and_score)
-    (loss_apart, score_apart), kept_apart = logits_sized_buffers_kept(apart)
-    assert (kept, kept_apart) == (2, 3)  # the student's log-probabilities once, and the teacher's probabilities
-    torch.testing.assert_close(loss, loss_apart)
-    assert torch.equal(score, score_apart)
+    mix_loss, mix_inputs, mix_kept = logits_sized_buffers_kept(mix)
+    sd_loss, sd_inputs, sd_kept = logits_sized_buffers_kept(sd)
+    apart_loss, _, apart_kept = logits_sized_buffers_kept(lambda inputs: 0.5 * ntp(inputs) + 0.5 * sd(inputs))
+    assert (mix_kept, sd_kept, apart_kept) == (2, 2, 3)  # the student's log-probabilities once, the teacher's probs
+    torch.testing.assert_close(mix_loss, apart_loss)
+    monkeypatch.setattr(locas.training.losses, "target_nll", lambda *_: pytest.fail("the score computed the NLL again"))
+    for inputs in (mix_inputs, sd_inputs):
+        with torch.no_grad():  # as the trainer reads its score, after the loss
+            assert torch.equal(inputs.token_nll(), target_nll(student.detach().flatten(0, 1), targets[0])[None])
 
 
 def test_mix_runs_equal_ones_with_the_nll_and_kl_computed_apart(monkeypatch, one_thread):

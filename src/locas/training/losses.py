@@ -71,49 +71,18 @@ def ntp(inputs: LossInputs) -> torch.Tensor:
 
 def sd(inputs: LossInputs) -> torch.Tensor:
     """Self-distillation: KL(teacher || student) per target token, mean over each row's targets."""
-    kl = torch.stack(
-        [
-            distillation_kl(student, teacher)
-            for student, teacher in zip(_rows(inputs.student_logits), _rows(inputs.teacher_logits()), strict=True)
-        ]
-    )  # row by row, as token_nll
-    return inputs.row_mean(kl)
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(teacher) || softmax(student)) over the last axis, in float32, differentiable in the student's
-    logits only: `F.kl_div` of the two log-softmaxes (`log_target=True`) summed over the vocabulary, at a peak
-    of three logits-sized float32 buffers instead of five (measured), two of them kept for the backward (the
-    student's log-probabilities and the teacher's probabilities), which writes the gradient over the first."""
-    return _DistillationKL.apply(student_logits, teacher_logits)
-
-
-class _DistillationKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        student_log_probs = torch.log_softmax(student_logits, dim=-1, dtype=torch.float32)
-        scratch = torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32)
-        teacher_probs = scratch.exp()
-        kl = scratch.sub_(student_log_probs).mul_(teacher_probs).sum(-1)  # sum p_t (log p_t - log p_s)
-        ctx.save_for_backward(student_log_probs, teacher_probs)
-        ctx.logits_dtype = student_logits.dtype
-        return kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None]:
-        student_log_probs, teacher_probs = ctx.saved_tensors
-        # d kl / d student logits = p_s - p_t, written over the saved student log-probabilities.
-        grad = student_log_probs.exp_().sub_(teacher_probs).mul_(grad_kl.unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None
+    return inputs.row_mean(inputs.token_nll_and_kl()[1])
 
 
 def nll_and_distillation_kl(
     student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`target_nll(student_logits, targets)`, `distillation_kl(student_logits, teacher_logits)`) from one
-    log-softmax of the student's logits: two logits-sized float32 buffers kept for the backward instead of three,
-    and one gradient written for both terms instead of two that autograd then adds."""
+    """(-log softmax(student)[target], KL(softmax(teacher) || softmax(student))) over the last axis, in float32,
+    differentiable in the student's logits only: `target_nll` and `F.kl_div` of the two log-softmaxes
+    (`log_target=True`) summed over the vocabulary, from one log-softmax of the student's logits. Two
+    logits-sized float32 buffers are kept for the backward (the student's log-probabilities, the teacher's
+    probabilities), which writes one gradient for both terms over the first; the NLL and the KL apart kept three
+    and wrote two, and `F.kl_div` alone peaked at five."""
     return _NLLAndDistillationKL.apply(student_logits, targets, teacher_logits)
 
 
@@ -124,7 +93,7 @@ class _NLLAndDistillationKL(torch.autograd.Function):
         nll = -student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         scratch = torch.log_softmax(teacher_logits, dim=-1, dtype=torch.float32)
         teacher_probs = scratch.exp()
-        kl = scratch.sub_(student_log_probs).mul_(teacher_probs).sum(-1)
+        kl = scratch.sub_(student_log_probs).mul_(teacher_probs).sum(-1)  # sum p_t (log p_t - log p_s)
         ctx.save_for_backward(student_log_probs, targets, teacher_probs)
         ctx.logits_dtype = student_logits.dtype
         return nll, kl
