@@ -898,7 +898,7 @@ def test_sd_and_mix_keep_two_logits_sized_buffers_and_the_score_reuses_their_nll
         return value, inputs, len(kept)
 
     mix_loss, mix_inputs, mix_kept = logits_sized_buffers_kept(mix)
-    sd_loss, sd_inputs, sd_kept = logits_sized_buffers_kept(sd)
+    _, sd_inputs, sd_kept = logits_sized_buffers_kept(sd)
     apart_loss, _, apart_kept = logits_sized_buffers_kept(lambda inputs: 0.5 * ntp(inputs) + 0.5 * sd(inputs))
     assert (mix_kept, sd_kept, apart_kept) == (2, 2, 3)  # the student's log-probabilities once, the teacher's probs
     torch.testing.assert_close(mix_loss, apart_loss)
